@@ -1,0 +1,115 @@
+"""The `mlx-gemma-tune` command line: parse options, call one library function, show the result.
+
+Library modules are imported inside the commands so `--help` stays instant.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from mlx_gemma_tune import __version__
+from mlx_gemma_tune.errors import UserError
+
+
+class App(click.Group):
+    """A Click group that turns every failure into one line on stderr and an exit code.
+
+    UserError and Click usage errors: the message, exit 1 / 2. Anything else is a bug:
+    one line plus a pointer to --debug, which shows the traceback instead.
+    """
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        argv = list(sys.argv[1:] if args is None else args)
+        debug = "--debug" in argv
+        try:
+            code = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        except UserError as exc:
+            if debug:
+                raise
+            click.echo(f"Error: {exc.one_line()}", err=True)
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(130)
+        except click.ClickException as exc:
+            msg = " ".join(exc.format_message().split())
+            hint = ""
+            if isinstance(exc, click.UsageError) and exc.ctx is not None:
+                hint = f" (see: {exc.ctx.command_path} --help)"
+            click.echo(f"Error: {msg}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            sys.exit(130)
+        except Exception as exc:  # a bug in this tool: say so in one line
+            if debug:
+                raise
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            click.echo(f"Error: internal error ({type(exc).__name__}: {first}); rerun with --debug "
+                       "for the traceback and please report it", err=True)
+            sys.exit(1)
+        sys.exit(code or 0)
+
+
+@click.group(cls=App, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="mlx-gemma-tune")
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+def cli(debug: bool) -> None:
+    """Fine-tune Gemma 3n and Gemma 4 on a Mac with MLX.
+
+    Convert a Hugging Face Gemma checkpoint to MLX, train LoRA/QLoRA/DoRA adapters,
+    chat with them, and export back to Hugging Face.
+    """
+
+
+@cli.command()
+@click.argument("src")
+@click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False),
+              help="Directory to write the MLX model to.")
+@click.option("-q", "--quantize", type=click.Choice(["4", "8"]), default=None,
+              help="Quantize linear layers to 4 or 8 bits (a QLoRA base). Default: no quantization.")
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
+              help="Quantization group size: a layer is quantized only if its input dim is a multiple of it.")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None,
+              help="Dtype of the weights that are not quantized. Default: the checkpoint's own dtype.")
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when SRC is a repo id.")
+@click.option("--force", is_flag=True, help="Replace OUT if it already exists (only once the new model is complete).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def convert(src, out, quantize, group_size, dtype, revision, force, as_json):
+    """Convert a Hugging Face Gemma checkpoint (SRC: local directory or hub id) to MLX.
+
+    \b
+    Examples:
+      mlx-gemma-tune convert google/gemma-3n-E2B-it -o models/gemma-3n-e2b
+      mlx-gemma-tune convert ./gemma-4-E2B-it -o models/e2b-4bit --quantize 4
+    """
+    from mlx_gemma_tune import ui
+    from mlx_gemma_tune.convert import convert as run
+
+    with ui.status("Converting") as progress:
+        result = run(src, out, quantize=int(quantize) if quantize else None, group_size=int(group_size),
+                     dtype=dtype, force=force, revision=revision, progress=progress)
+    if as_json:
+        ui.print_json(result.to_dict())
+    else:
+        ui.show_convert(result)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def doctor(as_json):
+    """Check the environment: versions, MLX device and memory, BLAS speed, optional extras."""
+    from mlx_gemma_tune import ui
+    from mlx_gemma_tune.doctor import run_doctor
+
+    report = run_doctor()
+    if as_json:
+        ui.print_json(report.to_dict())
+    else:
+        ui.show_doctor(report)
+
+
+def main() -> None:
+    cli(prog_name="mlx-gemma-tune")

@@ -1,0 +1,259 @@
+"""Hugging Face Gemma checkpoint -> MLX model directory (optionally quantized for QLoRA).
+
+The text model is built and loaded by mlx-lm; this module adds what a Gemma user
+needs around it: clear refusals, a staged (atomic) output directory, an honest
+account of what was quantized and what was not, and a provenance record so that
+export can later restore what mlx-lm drops (vision/audio towers, the original config).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from mlx_gemma_tune import __version__, checkpoint, families, fsio
+from mlx_gemma_tune.errors import InputError, UserError
+
+PROVENANCE_FILE = "provenance.json"
+DTYPES = ("bfloat16", "float16", "float32")
+QUANT_BITS = (4, 8)
+ROUTER_BITS = 8
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class ConvertResult:
+    family: str
+    variant: str
+    model_type: str
+    source: str
+    output: str
+    dtype: str
+    parameters: int
+    quantization: dict | None  # {"bits", "group_size", "mode"} or None
+    quantized_layers: int = 0
+    kept_at_higher_precision: list[dict] = field(default_factory=list)  # {"path", "bits", "reason"}
+    unquantized: list[dict] = field(default_factory=list)  # {"path", "reason"}
+    dropped: list[dict] = field(default_factory=list)  # {"component", "tensors", "parameters"}
+    size_bytes: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def convert(
+    src: str,
+    out: str | Path,
+    *,
+    quantize: int | None = None,
+    group_size: int = 64,
+    dtype: str | None = None,
+    force: bool = False,
+    revision: str | None = None,
+    progress: Progress | None = None,
+) -> ConvertResult:
+    """Convert `src` (local directory or hub id) to an MLX model directory at `out`."""
+    started = time.monotonic()
+    say = progress or (lambda _msg: None)
+    if quantize is not None and quantize not in QUANT_BITS:
+        raise UserError(f"--quantize must be one of {', '.join(map(str, QUANT_BITS))}, not {quantize}")
+    if group_size not in (32, 64, 128):
+        raise UserError(f"--group-size must be 32, 64 or 128, not {group_size}")
+    if dtype is not None and dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype}")
+    out = Path(out).expanduser().absolute()
+    if Path(src).expanduser().exists():  # check the output before any download or load
+        fsio.check_output_dir(out, force=force, inputs=(Path(src).expanduser(),))
+    else:
+        fsio.check_output_dir(out, force=force)
+
+    say("Locating the checkpoint")
+    source = checkpoint.resolve(src, revision)
+    config = checkpoint.read_config(source.path)
+    detected = families.detect(config, where=str(source.path / "config.json"))
+    if not checkpoint.has_tokenizer(source.path):
+        raise InputError("has no tokenizer (tokenizer.json or tokenizer.model)", where=str(source.path),
+                         hint="copy the tokenizer files of the original model next to config.json")
+    say("Checking weight files")
+    files = [checkpoint.inspect_weights(p) for p in checkpoint.weight_files(source.path)]
+
+    say("Loading the text model with mlx-lm")
+    model, mlx_config, tokenizer = _load(source.path, detected)
+    target_dtype = dtype or _source_dtype(config)
+    if target_dtype:
+        _cast(model, target_dtype)
+    parameters = _count_parameters(model)
+
+    quant_info = None
+    quantized, kept_high, left_alone = 0, [], []
+    if quantize:
+        say(f"Quantizing to {quantize}-bit (group size {group_size})")
+        mlx_config, quantized, kept_high, left_alone = _quantize(model, mlx_config, quantize, group_size)
+        quant_info = {"bits": quantize, "group_size": group_size, "mode": "affine"}
+
+    dropped = _dropped_components(files)
+    say("Writing the MLX model")
+    with fsio.staged_dir(out) as tmp:
+        _save(tmp, model, mlx_config, tokenizer, source.path)
+        provenance = {
+            "tool": "mlx-gemma-tune",
+            "tool_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "source": {
+                "path": str(source.path),
+                "repo_id": source.repo_id,
+                "revision": source.revision,
+                "weights_sha256": checkpoint.combined_hash(files),
+                "files": {f.name: {"size": f.size, "sha256": f.sha256} for f in files},
+            },
+            "family": detected.family.name,
+            "model_type": detected.model_type,
+            "variant": detected.variant,
+            "original_config": config,
+            "conversion": {
+                "dtype": target_dtype,
+                "quantization": quant_info,
+                "kept_at_higher_precision": kept_high,
+                "unquantized": left_alone,
+                "dropped": dropped,
+            },
+            "versions": _versions(),
+        }
+        fsio.atomic_write_json(tmp / PROVENANCE_FILE, provenance)
+    return ConvertResult(
+        family=detected.family.display,
+        variant=detected.variant,
+        model_type=detected.model_type,
+        source=source.describe(),
+        output=str(out),
+        dtype=target_dtype or "as stored",
+        parameters=parameters,
+        quantization=quant_info,
+        quantized_layers=quantized,
+        kept_at_higher_precision=kept_high,
+        unquantized=left_alone,
+        dropped=dropped,
+        size_bytes=fsio.dir_size(out),
+        seconds=round(time.monotonic() - started, 2),
+    )
+
+
+def _load(path: Path, detected: families.Detected):
+    from mlx_lm.utils import load_model, load_tokenizer
+
+    try:
+        model, config = load_model(path, lazy=True, strict=True)
+    except ValueError as exc:
+        # mlx-lm reports missing/unexpected parameters as a ValueError listing them all.
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"weights do not fit a {detected.family.display} model: {first[:300]}",
+                         where=str(path), hint="is the checkpoint complete and unmodified?") from None
+    try:
+        tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    except Exception as exc:  # transformers raises many kinds for a broken tokenizer
+        raise InputError(f"tokenizer cannot be loaded: {str(exc).splitlines()[0][:200]}", where=str(path)) from None
+    return model, config, tokenizer
+
+
+def _source_dtype(config: dict) -> str | None:
+    for cfg in (config, families.text_config(config)):
+        for key in ("torch_dtype", "dtype"):
+            if cfg.get(key) in DTYPES:
+                return cfg[key]
+    return None
+
+
+def _cast(model, dtype: str) -> None:
+    import mlx.core as mx
+    from mlx.utils import tree_map_with_path
+
+    target = getattr(mx, dtype)
+    keep = getattr(model, "cast_predicate", lambda _k: True)
+
+    def cast(k, v):
+        return v.astype(target) if keep(k) and mx.issubdtype(v.dtype, mx.floating) else v
+
+    model.update(tree_map_with_path(cast, model.parameters()))
+
+
+def _count_parameters(model) -> int:
+    from mlx_lm.utils import get_total_parameters
+
+    return int(get_total_parameters(model))
+
+
+def _quantize(model, config: dict, bits: int, group_size: int):
+    """Quantize through mlx-lm, recording every decision for the summary."""
+    from mlx_lm.utils import quantize_model
+
+    model_policy = getattr(model, "quant_predicate", None)
+    left_alone: list[dict] = []
+    kept_high: list[dict] = []
+    for path, module in model.named_modules():
+        if hasattr(module, "to_quantized") and hasattr(module, "weight"):
+            in_dim = module.weight.shape[-1]
+            if in_dim % group_size:
+                left_alone.append({"path": path, "reason": f"input dim {in_dim} not divisible by group size {group_size}"})
+
+    def policy(path, module):
+        decision = model_policy(path, module) if model_policy else True
+        if isinstance(decision, dict):
+            high = decision.get("bits", bits)
+            decision = {"group_size": decision.get("group_size", group_size), "bits": max(high, bits)}
+            if decision["bits"] != bits or path.endswith("router.proj"):
+                kept_high.append({"path": path, "bits": decision["bits"], "reason": "MoE router (routing is precision-sensitive)"
+                                  if path.endswith("router.proj") else "model policy"})
+        elif not decision:
+            left_alone.append({"path": path, "reason": "kept in full precision by the model's policy"})
+        return decision
+
+    with contextlib.redirect_stdout(io.StringIO()):  # mlx-lm prints a bits-per-weight line
+        model, config = quantize_model(model, config, group_size, bits, quant_predicate=policy)
+    quantized = sum(1 for _, m in model.named_modules() if hasattr(m, "bits") and hasattr(m, "scales"))
+    return config, quantized, kept_high, left_alone
+
+
+def _dropped_components(files: list[checkpoint.WeightFile]) -> list[dict]:
+    tally: dict[str, list[int]] = {}
+    for f in files:
+        for name, (_dtype, shape) in f.tensors.items():
+            comp = families.tower_component(name)
+            if comp:
+                count = 1
+                for d in shape:
+                    count *= d
+                t = tally.setdefault(comp, [0, 0])
+                t[0] += 1
+                t[1] += count
+    return [{"component": c, "tensors": t, "parameters": p} for c, (t, p) in sorted(tally.items())]
+
+
+def _save(dst: Path, model, config: dict, tokenizer, src: Path) -> None:
+    from mlx_lm.utils import save_config, save_model
+
+    save_model(dst, model, donate_model=True)
+    save_config(dict(config), config_path=dst / "config.json")
+    tokenizer.save_pretrained(str(dst))
+    for name in ("generation_config.json",):
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("mlx", "mlx-lm", "transformers"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out

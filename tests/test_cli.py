@@ -1,0 +1,68 @@
+"""The command line itself: instant help, one-line errors, doctor."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from helpers import assert_one_line_error, run_cli
+
+HEAVY = ("mlx", "mlx_lm", "mlx_vlm", "transformers", "torch", "datasets", "rich")
+
+
+def test_help_is_instant_and_imports_nothing_heavy():
+    code = ("import sys, mlx_gemma_tune.cli as c\n"
+            f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]", loaded.stdout
+    best = 9.9
+    for _ in range(3):
+        start = time.perf_counter()
+        res = subprocess.run([sys.executable, "-m", "mlx_gemma_tune", "--help"], capture_output=True, text=True)
+        best = min(best, time.perf_counter() - start)
+        assert res.returncode == 0 and "convert" in res.stdout and "doctor" in res.stdout
+    assert best < 0.5, f"--help took {best:.2f} s"
+
+
+def test_console_script_and_module_agree():
+    exe = os.path.join(os.path.dirname(sys.executable), "mlx-gemma-tune")
+    a = subprocess.run([exe, "--version"], capture_output=True, text=True)
+    b = subprocess.run([sys.executable, "-m", "mlx_gemma_tune", "--version"], capture_output=True, text=True)
+    assert a.returncode == b.returncode == 0
+    assert a.stdout == b.stdout and "mlx-gemma-tune" in a.stdout
+
+
+def test_unknown_command_is_one_line():
+    assert_one_line_error(run_cli(["frobnicate"]), "No such command", code=2)
+
+
+def test_doctor_reports_versions_device_and_blas():
+    res = run_cli(["doctor", "--json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    import mlx.core as mx
+    from importlib.metadata import version
+
+    assert rep["packages"]["mlx"] == version("mlx")
+    assert rep["packages"]["mlx-lm"] == version("mlx-lm")
+    assert rep["packages"]["transformers"] == version("transformers")
+    assert rep["metal"] == bool(mx.metal.is_available())
+    assert rep["memory_bytes"] and rep["memory_bytes"] > 1 << 30
+    if sys.platform.startswith("linux"):
+        assert rep["device"].startswith("CPU")
+        assert rep["blas"]["gflops"] > 0 and rep["blas"]["libraries"]
+        # A slow BLAS is reported as a problem with the fix in it.
+        assert rep["blas"]["fast"] or any("libopenblas" in p for p in rep["problems"])
+    names = {o["package"] for o in rep["optional"]}
+    assert {"torch", "peft", "gguf"} <= names
+    assert rep["hf_offline"] is True  # conftest sets HF_HUB_OFFLINE=1
+
+
+def test_doctor_table():
+    res = run_cli(["doctor"])
+    assert res.exit_code == 0
+    for word in ("Python", "mlx-lm", "transformers", "MLX device", "Memory"):
+        assert word in res.stdout
