@@ -111,5 +111,34 @@ def doctor(as_json):
         ui.show_doctor(report)
 
 
+@cli.command("eval")
+@click.argument("model")
+@click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False),
+              help="Chat JSONL: {\"messages\": [...]} or {\"prompt\", \"completion\"} per line.")
+@click.option("--metric", type=click.Choice(["loss"]), multiple=True, default=("loss",), show_default=True,
+              help="What to compute. loss: mean cross-entropy over the assistant tokens, and perplexity.")
+@click.option("--adapter", type=click.Path(file_okay=False), default=None, help="LoRA/DoRA adapter directory.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--max-seq-length", type=click.IntRange(min=2), default=2048, show_default=True,
+              help="Longer rows are truncated (and counted).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def eval_(model, data_path, metric, adapter, batch_size, max_seq_length, as_json):
+    """Evaluate MODEL (an MLX or Hugging Face model directory) on a dataset.
+
+    The loss is computed on the assistant turns only, exactly as training masks them,
+    with the training forward pass.
+    """
+    from mlx_gemma_tune import ui
+    from mlx_gemma_tune.evaluate import evaluate_loss
+
+    with ui.progress_bar("Evaluating") as progress:
+        result = evaluate_loss(model, data_path, adapter=adapter, batch_size=batch_size,
+                               max_seq_length=max_seq_length, progress=progress)
+    if as_json:
+        ui.print_json(result.to_dict())
+    else:
+        ui.show_loss(result)
+
+
 def main() -> None:
     cli(prog_name="mlx-gemma-tune")

@@ -147,10 +147,12 @@ def convert(
 
 
 def _load(path: Path, detected: families.Detected):
-    from mlx_lm.utils import load_model, load_tokenizer
+    from mlx_lm.utils import load_tokenizer
+
+    from mlx_gemma_tune.models import load_model
 
     try:
-        model, config = load_model(path, lazy=True, strict=True)
+        model, config = load_model(path, lazy=True)
     except ValueError as exc:
         # mlx-lm reports missing/unexpected parameters as a ValueError listing them all.
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mlx_gemma_tune.errors import UnsupportedModelError
+from mlx_gemma_tune.errors import UnsupportedModelError, UserError
 
 # Components of a multimodal checkpoint that the text model does not use. mlx-lm's
 # sanitize() drops them; they are recorded at convert time so export can put them back.
@@ -87,3 +87,85 @@ def tower_component(key: str) -> str | None:
     if parts[0] == "model" and len(parts) > 1:
         parts = parts[1:]
     return parts[0] if parts[0] in TOWER_COMPONENTS else None
+
+
+# ---- LoRA target policy ---------------------------------------------------------------------
+# Names are relative to a decoder layer, as mlx-lm builds it for every Gemma family.
+TARGET_GROUPS = {
+    "attention": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
+    "mlp": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+}
+TARGET_GROUPS["all"] = TARGET_GROUPS["attention"] + TARGET_GROUPS["mlp"]
+EXPERT_TARGETS = ("experts.switch_glu.gate_proj", "experts.switch_glu.up_proj", "experts.switch_glu.down_proj")
+# Never adapted, whatever is asked: AltUp coefficients are re-assigned (clipped) in the
+# forward pass, so a LoRA wrapper there breaks it; the others are not what a LoRA should
+# change (PLE, LAuReL, routers, embeddings, towers).
+FORBIDDEN = ("altup", "laurel", "per_layer", "router", "embed", "vision", "audio")
+KV_NAMES = ("self_attn.k_proj", "self_attn.v_proj")
+
+
+def _expand(targets) -> tuple[str, ...]:
+    """Group names ("all", "attention", "mlp") and short names ("q_proj") -> layer-relative names."""
+    if isinstance(targets, str):
+        targets = [targets]
+    known = TARGET_GROUPS["all"] + EXPERT_TARGETS
+    out: list[str] = []
+    for t in targets:
+        if t in TARGET_GROUPS:
+            out += TARGET_GROUPS[t]
+            continue
+        if any(f in t for f in FORBIDDEN):
+            raise UserError(f"LoRA target '{t}' is not allowed: AltUp, LAuReL, per-layer-embedding, router, "
+                            "embedding and tower modules are never adapted",
+                            where="lora.targets", hint="choose from all, attention, mlp or " + ", ".join(known))
+        matches = [k for k in known if k == t or k.endswith("." + t)]
+        if not matches:
+            import difflib
+
+            close = difflib.get_close_matches(t, list(TARGET_GROUPS) + [k.rsplit(".", 1)[-1] for k in known], n=1)
+            hint = f"did you mean '{close[0]}'?" if close else "choose from all, attention, mlp or " + ", ".join(known)
+            raise UserError(f"unknown LoRA target '{t}'", where="lora.targets", hint=hint)
+        out += matches
+    return tuple(dict.fromkeys(out))
+
+
+def lora_targets(model, config: dict, targets="all", num_layers: int | None = None,
+                 experts: bool = False, dora: bool = False) -> list[str]:
+    """Full module paths to wrap with LoRA/DoRA for this Gemma model.
+
+    Default: attention q/k/v/o and MLP gate/up/down on every decoder layer. K/V are
+    skipped where a layer has none of its own (KV-shared layers, K=V global layers have
+    no v_proj); MoE experts only with `experts=True` (and never with DoRA, which mlx-lm
+    cannot apply to switch layers). `num_layers` keeps only the last N layers.
+    """
+    names = _expand(targets)
+    tc = text_config(config)
+    if experts:
+        if not tc.get("enable_moe_block"):
+            raise UserError("lora.experts is set but this model has no MoE experts", where="lora.experts",
+                            hint="set lora.experts: false")
+        if dora:
+            raise UserError("DoRA cannot adapt MoE expert layers (mlx-lm has no DoRA switch layer)",
+                            where="lora.experts", hint="use method lora, or set lora.experts: false")
+        names += EXPERT_TARGETS
+    layers = list(model.layers)
+    n = len(layers)
+    if num_layers is not None and not 1 <= num_layers <= n:
+        raise UserError(f"lora.num_layers must be between 1 and {n} for this model, not {num_layers}",
+                        where="lora.num_layers")
+    first_shared = n - int(tc.get("num_kv_shared_layers") or 0)
+    layer_ids = {id(layer) for layer in layers}
+    prefix = {id(m): p for p, m in model.named_modules() if id(m) in layer_ids}
+    paths: list[str] = []
+    for i, layer in enumerate(layers):
+        if num_layers is not None and i < n - num_layers:
+            continue
+        present = dict(layer.named_modules())
+        for name in names:
+            if name not in present or (i >= first_shared and name in KV_NAMES):
+                continue
+            paths.append(f"{prefix[id(layer)]}.{name}")
+    if not paths:
+        raise UserError("these LoRA settings select no module of this model", where="lora.targets",
+                        hint="widen lora.targets or lora.num_layers")
+    return paths

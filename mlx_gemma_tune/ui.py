@@ -58,6 +58,28 @@ def _grouped(rows: list[dict], detail) -> list[str]:
     return lines
 
 
+@contextmanager
+def progress_bar(label: str) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar on stderr; yields the callback (done, total) for library code."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=err, transient=True) as bar:
+        task = bar.add_task(label, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+def show_loss(r) -> None:
+    out.print(f"loss [bold]{r.loss:.4f}[/]  perplexity {r.perplexity:.3f}  "
+              f"({r.tokens:,} target tokens in {r.rows:,} rows)")
+    if r.truncated:
+        err.print(f"[yellow]warning:[/] {r.truncated} rows were longer than --max-seq-length and were truncated")
+
+
 def print_json(obj) -> None:
     # Plain stdout, no Rich markup or wrapping, so scripts can parse it.
     import click
