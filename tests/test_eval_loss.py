@@ -1,0 +1,94 @@
+"""`eval --metric loss`: the masked loss equals transformers' on the same tokens and mask."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from fixtures.gemma_fixtures import FAMILIES
+from helpers import assert_one_line_error, run_cli
+from test_lora import CHAT
+
+TEMPLATE_OF = {"gemma3_text": "gemma3", "gemma3n": "gemma3"} | {f: "gemma4" for f in FAMILIES[2:]}
+
+
+@pytest.fixture
+def chat_file(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in CHAT) + "\n")
+    return path
+
+
+def _transformers_loss(model_dir, examples) -> float:
+    import torch
+    import torch.nn.functional as F
+
+    from test_exactness import _hf_model
+
+    model = _hf_model(model_dir)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ex in examples:
+            ids = torch.tensor([ex.tokens])
+            logits = model(ids).logits[0, :-1].float()
+            mask = torch.tensor(ex.mask[1:])
+            ce = F.cross_entropy(logits, ids[0, 1:], reduction="none")
+            total += float(ce[mask].sum())
+            count += int(mask.sum())
+    return total / count
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_eval_loss_equals_transformers(family, hf_model, chat_file):
+    from mlx_lm.utils import load_tokenizer
+
+    from mlx_gemma_tune import data
+
+    res = run_cli(["eval", hf_model(family), "--data", chat_file, "--metric", "loss", "--json"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout)
+    examples, _ = data.load_chat_examples(load_tokenizer(hf_model(family)), chat_file)
+    ref = _transformers_loss(hf_model(family), examples)
+    assert got["rows"] == len(CHAT) and got["tokens"] == sum(sum(e.mask[1:]) for e in examples)
+    assert abs(got["loss"] - ref) < 1e-4, (got["loss"], ref)
+    assert got["perplexity"] == pytest.approx(math.exp(ref), rel=1e-4)
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "gemma4_edge"])
+def test_mask_covers_every_assistant_turn(family, hf_model):
+    from mlx_lm.utils import load_tokenizer
+
+    from mlx_gemma_tune import data
+
+    tok = load_tokenizer(hf_model(family))
+    ex = data.encode_chat(tok, data._messages(CHAT[1], "row"))
+    trained = tok._tokenizer.decode([t for t, m in zip(ex.tokens, ex.mask) if m])
+    eot = "<end_of_turn>" if TEMPLATE_OF[family] == "gemma3" else "<turn|>"
+    assert trained == f"Four.{eot}\nSix.{eot}\n"
+    # Nothing of the user turns or the role markers is trained on.
+    assert "plus" not in trained and "model" not in trained
+
+
+def test_eval_human_output(hf_model, chat_file):
+    res = run_cli(["eval", hf_model("gemma3_text"), "--data", chat_file])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.startswith("loss ") and "perplexity" in res.stdout and "4 rows" in res.stdout
+
+
+@pytest.mark.parametrize("content,needle", [
+    ('{"prompt": "hi", "completion": "hello"}\n{"messages": oops}\n', ":2: is not valid JSON"),
+    ('{"messages": [{"role": "robot", "content": "hi"}]}\n', ":1: message 0 has unknown role 'robot'"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}\n', ":1: has no assistant message"),
+    ('{"text": "hello"}\n', ":1: needs a 'messages' list"),
+    ("\n\n", "has no rows"),
+])
+def test_bad_dataset_is_one_line(content, needle, hf_model, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    assert_one_line_error(run_cli(["eval", hf_model("gemma3_text"), "--data", path]), str(path), needle)
+
+
+def test_bad_model_path(tmp_path, chat_file):
+    assert_one_line_error(run_cli(["eval", tmp_path / "nope", "--data", chat_file]), "no such model directory")
