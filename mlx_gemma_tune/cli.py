@@ -140,5 +140,107 @@ def eval_(model, data_path, metric, adapter, batch_size, max_seq_length, as_json
         ui.show_loss(result)
 
 
+@cli.command()
+@click.argument("recipe", required=False)
+@click.option("--model", default=None, help="Base model (sets model.path): a convert output, a HF directory or a hub id.")
+@click.option("--data", default=None, help="Dataset (sets data.path): a file, a folder of splits, or a hub dataset id.")
+@click.option("-o", "--output", "out", default=None, type=click.Path(file_okay=False),
+              help="Run directory. Default: runs/<recipe>-<date-time>.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override any recipe key, e.g. --set lora.rank=8 --set train.lr=1e-4 (repeatable).")
+@click.option("--quantize", type=click.Choice(["4", "8"]), default=None,
+              help="QLoRA: quantize the base on the fly (sets model.quantize; cached).")
+@click.option("--mask-prompt/--no-mask-prompt", default=None,
+              help="Train on assistant turns only (default) or on every token (sets data.mask_prompt).")
+@click.option("--resume", default=None, type=click.Path(file_okay=False),
+              help="Continue the run in this directory from its last checkpoint, exactly.")
+@click.option("--force", is_flag=True, help="Replace the run directory if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
+def train(recipe, model, data, out, sets, quantize, mask_prompt, resume, force, as_json):
+    """Train a LoRA / QLoRA / DoRA adapter from a RECIPE (a YAML path or a shipped recipe name).
+
+    \b
+    Examples:
+      mlx-gemma-tune train gemma4-e2b-lora --data my.jsonl
+      mlx-gemma-tune train my-recipe.yaml --set lora.rank=8 --set train.iters=200
+      mlx-gemma-tune train --resume runs/gemma4-e2b-lora-20261123-101500
+    """
+    from mlx_gemma_tune import ui
+    from mlx_gemma_tune.session import prepare_run
+    from mlx_gemma_tune.trainer import run
+
+    sets = list(sets)
+    if quantize:
+        sets.append(f"model.quantize={quantize}")
+    if mask_prompt is not None:
+        sets.append(f"data.mask_prompt={str(mask_prompt).lower()}")
+    with ui.status("Preparing the run") as progress:
+        prepared = prepare_run(recipe, model=model, data=data, out=out, sets=tuple(sets), resume=resume,
+                               force=force, progress=progress)
+    for key, what in (("held_out", "rows held out for validation"), ("truncated", "rows truncated to max_seq_length"),
+                      ("dropped", "rows dropped")):
+        if prepared.notes.get(key):
+            ui.err.print(f"note: {prepared.notes[key]} {what}", soft_wrap=True)
+    with ui.TrainDashboard(console=ui.err if as_json else None) as dashboard:
+        summary = run(prepared, callback=dashboard)
+    hint = None
+    if summary.interrupted:
+        hint = (f"Interrupted at step {summary.steps}; checkpoint saved. Resume with: "
+                f"mlx-gemma-tune train --resume {summary.run_dir}")
+    if as_json:
+        ui.print_json(summary.to_dict())
+        if hint:
+            click.echo(hint, err=True)
+    else:
+        ui.show_train_summary(summary, hint)
+    if summary.interrupted:
+        sys.exit(130)
+
+
+@cli.group()
+def recipes():
+    """List, show and copy the shipped training recipes."""
+
+
+@recipes.command("list")
+def recipes_list():
+    """The shipped recipes."""
+    from mlx_gemma_tune import recipe as r
+
+    for name, about in r.list_recipes():
+        click.echo(f"{name:28s} {about}")
+
+
+@recipes.command("show")
+@click.argument("name")
+def recipes_show(name):
+    """Print a recipe (a shipped name or a path)."""
+    from mlx_gemma_tune import recipe as r
+
+    click.echo(r.find_recipe(name).read_text(), nl=False)
+
+
+@recipes.command("copy")
+@click.argument("name")
+@click.argument("dest", type=click.Path())
+@click.option("--force", is_flag=True, help="Overwrite DEST if it exists.")
+def recipes_copy(name, dest, force):
+    """Copy a shipped recipe to DEST to edit it."""
+    from pathlib import Path
+
+    from mlx_gemma_tune import fsio
+    from mlx_gemma_tune import recipe as r
+    from mlx_gemma_tune.errors import OutputError
+
+    src = r.find_recipe(name)
+    target = Path(dest)
+    if target.is_dir():
+        target = target / src.name
+    if target.exists() and not force:
+        raise OutputError("already exists", where=str(target), hint="pass --force to overwrite it")
+    fsio.atomic_write_text(target, src.read_text())
+    click.echo(f"Copied {src.stem} to {target}")
+
+
 def main() -> None:
     cli(prog_name="mlx-gemma-tune")

@@ -259,3 +259,44 @@ def _versions() -> dict:
         except PackageNotFoundError:
             out[pkg] = None
     return out
+
+
+def cache_dir() -> Path:
+    """Where converted bases live: $MLX_GEMMA_TUNE_CACHE, else ~/.cache/mlx-gemma-tune."""
+    import os
+
+    root = os.environ.get("MLX_GEMMA_TUNE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mlx-gemma-tune")
+    return Path(root)
+
+
+def ensure_base(src: str, quantize: int | None = None, progress: Progress | None = None) -> Path:
+    """A loadable base model directory for training.
+
+    A local directory is used as it is unless it must be quantized first; a hub id, or a
+    base to quantize on the fly (QLoRA), is converted once into the cache and reused.
+    """
+    import hashlib
+    import json as _json
+
+    local = Path(src).expanduser()
+    if local.is_dir():
+        config = checkpoint.read_config(local)
+        families.detect(config, where=str(local / "config.json"))
+        have = (config.get("quantization") or {}).get("bits")
+        if quantize is None or have == quantize:
+            return local
+        if have:
+            raise UserError(f"the base is already {have}-bit; it cannot be re-quantized to {quantize}-bit",
+                            where=str(local), hint="use the original checkpoint, or set model.quantize: null")
+        stamp = [str(local.resolve())] + [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+                                          for p in sorted(local.glob("*.safetensors"))]
+    else:
+        stamp = [src]
+    key = hashlib.sha256(_json.dumps(stamp + [quantize]).encode()).hexdigest()[:16]
+    name = Path(src).name or "model"
+    out = cache_dir() / "models" / f"{name}-{f'{quantize}bit' if quantize else 'mlx'}-{key}"
+    if (out / PROVENANCE_FILE).is_file():
+        return out
+    convert(src, out, quantize=quantize, force=True, progress=progress)
+    return out

@@ -9,9 +9,7 @@ The end-of-turn marker belongs to the answer, so the model learns to stop.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 from mlx_gemma_tune.errors import InputError
 
@@ -26,57 +24,10 @@ class Example:
     source: str  # "file:line", for messages
 
 
-def read_chat_jsonl(path: Path) -> list[tuple[str, list[dict]]]:
-    """[(where, messages)] from a JSONL file of {"messages": [...]} or {"prompt", "completion"} rows."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError("no such file", where=str(path))
-    rows = []
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"is not UTF-8 text (byte {exc.start})", where=str(path),
-                         hint="re-save it as UTF-8") from None
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"is not valid JSON ({exc.msg}, column {exc.colno})", where=where) from None
-        rows.append((where, _messages(row, where)))
-    if not rows:
-        raise InputError("has no rows", where=str(path))
-    return rows
-
-
-def _messages(row, where: str) -> list[dict]:
-    if not isinstance(row, dict):
-        raise InputError("must be a JSON object", where=where)
-    if "messages" in row:
-        msgs = row["messages"]
-    elif "prompt" in row and "completion" in row:
-        msgs = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
-    else:
-        raise InputError("needs a 'messages' list (or 'prompt' and 'completion')", where=where,
-                         hint=f"found keys: {', '.join(sorted(row)) or 'none'}")
-    if not isinstance(msgs, list) or not msgs:
-        raise InputError("'messages' must be a non-empty list", where=where)
-    out = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise InputError(f"message {i} needs 'role' and 'content'", where=where)
-        role = ROLE_ALIASES.get(str(m["role"]).lower())
-        if role is None:
-            raise InputError(f"message {i} has unknown role '{m['role']}'", where=where,
-                             hint="use system, user or assistant")
-        if not isinstance(m["content"], str):
-            raise InputError(f"message {i} content must be a string", where=where)
-        out.append({"role": role, "content": m["content"]})
-    if not any(m["role"] == "assistant" for m in out):
-        raise InputError("has no assistant message to learn from", where=where)
-    return out
+def hf_tokenizer(tokenizer):
+    """The transformers tokenizer inside mlx-lm's TokenizerWrapper, or the tokenizer itself."""
+    inner = getattr(tokenizer, "_tokenizer", None)
+    return inner if inner is not None and hasattr(inner, "apply_chat_template") else tokenizer
 
 
 def _render(hf_tokenizer, messages: list[dict], generation_prompt: bool) -> str:
@@ -85,7 +36,7 @@ def _render(hf_tokenizer, messages: list[dict], generation_prompt: bool) -> str:
 
 def encode_chat(tokenizer, messages: list[dict], where: str = "") -> Example:
     """Tokens of the rendered conversation and the mask of every assistant turn's tokens."""
-    hf = getattr(tokenizer, "_tokenizer", tokenizer)  # mlx-lm's wrapper or a transformers tokenizer
+    hf = hf_tokenizer(tokenizer)
     full = _render(hf, messages, False)
     spans = []
     for i, m in enumerate(messages):
@@ -105,14 +56,17 @@ def encode_chat(tokenizer, messages: list[dict], where: str = "") -> Example:
     return Example(tokens=tokens, mask=in_answer, source=where)
 
 
-def load_chat_examples(tokenizer, path: Path, max_seq_length: int | None = None) -> tuple[list[Example], int]:
-    """Encoded examples of a chat JSONL file, and how many were truncated to max_seq_length."""
+def load_examples(tokenizer, path, max_seq_length: int | None = None, mask_prompt: bool = True):
+    """Encoded examples of every row of a dataset (any format), and how many were truncated."""
+    from mlx_gemma_tune import dataset_files
+
     examples, truncated = [], 0
-    for where, messages in read_chat_jsonl(path):
-        ex = encode_chat(tokenizer, messages, where)
-        if max_seq_length and len(ex.tokens) > max_seq_length:
-            ex = Example(ex.tokens[:max_seq_length], ex.mask[:max_seq_length], ex.source)
-            truncated += 1
+    for row in dataset_files.read_rows(path):
+        ex = encode_row(tokenizer, row, mask_prompt)
+        if max_seq_length:
+            fitted = fit_length(ex, max_seq_length, "truncate")
+            truncated += fitted is not ex
+            ex = fitted
         examples.append(ex)
     return examples, truncated
 
@@ -131,3 +85,28 @@ def batches(examples: list[Example], batch_size: int, pad_id: int = 0):
             toks[r, : len(e.tokens)] = e.tokens
             mask[r, : len(e.mask)] = e.mask
         yield mx.array(toks[:, :-1]), mx.array(toks[:, 1:]), mx.array(mask[:, 1:])
+
+
+def encode_row(tokenizer, row, mask_prompt: bool = True) -> Example:
+    """Tokens and loss mask of a normalised dataset row (see dataset_files.Row)."""
+    if row.messages is not None:
+        ex = encode_chat(tokenizer, row.messages, row.where)
+        if not mask_prompt:
+            ex.mask = [True] * len(ex.tokens)
+        return ex
+    hf = hf_tokenizer(tokenizer)
+    ids = hf(row.text, add_special_tokens=False)["input_ids"]
+    tokens = [hf.bos_token_id] + list(ids) + [hf.eos_token_id]
+    return Example(tokens=tokens, mask=[True] * len(tokens), source=row.where)
+
+
+def fit_length(ex: Example, max_len: int, policy: str) -> Example | None:
+    """Apply data.overlong to one example: the example, a truncated copy, or None (dropped)."""
+    if len(ex.tokens) <= max_len:
+        return ex
+    if policy == "truncate":
+        return Example(ex.tokens[:max_len], ex.mask[:max_len], ex.source)
+    if policy == "drop":
+        return None
+    raise InputError(f"is {len(ex.tokens)} tokens, longer than data.max_seq_length {max_len}", where=ex.source,
+                     hint="raise data.max_seq_length, or set data.overlong to truncate or drop")

@@ -48,7 +48,7 @@ def evaluate_loss(model_path: Path, data_path: Path, *, adapter: Path | None = N
     model, tokenizer, config = models.load(model_path)
     if adapter is not None:
         lora.load(model, config, adapter)
-    examples, truncated = data.load_chat_examples(tokenizer, data_path, max_seq_length)
+    examples, truncated = data.load_examples(tokenizer, data_path, max_seq_length)
     loss, tokens = dataset_loss(model, examples, batch_size, progress)
     return LossResult(loss=loss, perplexity=math.exp(loss) if loss == loss else float("nan"),
                       tokens=tokens, rows=len(examples), truncated=truncated)

@@ -1,17 +1,25 @@
-"""The training loop core: one optimizer step on a masked next-token loss.
+"""The training loop: LoRA / QLoRA / DoRA on Gemma, built from MLX and mlx-lm parts.
 
-Built from MLX parts (value_and_grad, optimizers); the model and its LoRA layers come
-from mlx-lm. Stops on a non-finite loss or gradient instead of training on garbage.
+Exact resume: the data order of every epoch is a function of (seed, epoch), dropout is
+seeded by (seed, step), and a checkpoint holds the adapter, the optimizer state and the
+trainer state; so a run stopped after step k and resumed computes the same losses as one
+that never stopped. Progress reaches the caller through a callback object with
+`on_train_report(info)` and `on_val_report(info)` (and optionally `on_event(kind, info)`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable
 
 from mlx_gemma_tune import losses
 from mlx_gemma_tune.errors import UserError
+
+EMA = 0.9  # smoothing of the displayed training loss
 
 
 class NonFiniteError(UserError):
@@ -33,49 +41,308 @@ class FitResult:
 
 
 def make_step(model, optimizer, max_grad_norm: float | None = None):
-    """A function (inputs, targets, mask) -> (loss, tokens, grad_norm) that updates the model."""
+    """A function (micro_batches) -> (loss, tokens, grad_norm, updated) doing one optimizer step.
+
+    Gradients of the summed token loss are accumulated over the micro-batches and divided
+    by their total target-token count, so accumulation equals one large batch exactly.
+    Nothing is updated when the loss or the gradient norm is not finite.
+    """
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
+    from mlx.utils import tree_map
 
-    def loss_fn(m, inputs, targets, mask):
+    def sum_loss(m, inputs, targets, mask):
         total, count = losses.masked_cross_entropy(m, inputs, targets, mask)
-        return total / mx.maximum(count, 1.0), count
+        return total, count
 
-    value_and_grad = nn.value_and_grad(model, loss_fn)
+    value_and_grad = nn.value_and_grad(model, sum_loss)
 
-    def step(inputs, targets, mask):
-        (loss, count), grads = value_and_grad(model, inputs, targets, mask)
-        if max_grad_norm:
-            grads, norm = optim.clip_grad_norm(grads, max_grad_norm)
-        else:
-            norm = optim.clip_grad_norm(grads, float("inf"))[1]
-        # Check before the update, so a NaN never reaches the weights.
+    def step(micro_batches):
+        grads, total, count = None, mx.array(0.0), mx.array(0.0)
+        for inputs, targets, mask in micro_batches:
+            (s, n), g = value_and_grad(model, inputs, targets, mask)
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            total, count = total + s, count + n
+            mx.eval(grads, total, count)
+        denom = mx.maximum(count, 1.0)
+        grads = tree_map(lambda g: g / denom, grads)
+        loss = total / denom
+        grads, norm = optim.clip_grad_norm(grads, max_grad_norm or float("inf"))
         mx.eval(loss, norm)
-        if not (math.isfinite(float(loss)) and math.isfinite(float(norm))):
-            return float(loss), int(count), float(norm)
+        loss_f, norm_f = float(loss), float(norm)
+        if not (math.isfinite(loss_f) and math.isfinite(norm_f)):
+            return loss_f, int(count), norm_f, False
         optimizer.update(model, grads)
         mx.eval(model.trainable_parameters(), optimizer.state)
-        return float(loss), int(count), float(norm)
+        return loss_f, int(count), norm_f, True
 
     return step
 
 
+def _non_finite(step: int, loss: float, norm: float, last_good: str | None = None) -> NonFiniteError:
+    what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {norm}"
+    where = f"; the last good checkpoint is {last_good}" if last_good else ""
+    return NonFiniteError(f"training stopped at step {step}: the {what}; the weights were not updated{where}",
+                          hint="lower train.lr, or train in float32/bfloat16 (not float16)")
+
+
 def fit(model, batches: Iterable, optimizer, *, max_grad_norm: float | None = None,
         on_step: Callable[[StepReport], None] | None = None) -> FitResult:
-    """Train on every batch of `batches` once (one optimizer step each)."""
+    """Train on every batch of `batches` once (one optimizer step each). For tests and scripts."""
     model.train()
     step = make_step(model, optimizer, max_grad_norm)
     result = FitResult()
-    for i, (inputs, targets, mask) in enumerate(batches, 1):
-        loss, count, norm = step(inputs, targets, mask)
-        if not (math.isfinite(loss) and math.isfinite(norm)):
-            raise NonFiniteError(f"training stopped at step {i}: the {'loss' if not math.isfinite(loss) else 'gradient norm'} "
-                                 f"is {loss if not math.isfinite(loss) else norm}; the weights were not updated",
-                                 hint="lower the learning rate, or train in float32/bfloat16 (not float16)")
+    for i, batch in enumerate(batches, 1):
+        loss, count, norm, ok = step([batch])
+        if not ok:
+            raise _non_finite(i, loss, norm)
         result.losses.append(loss)
         result.tokens += count
         if on_step:
             on_step(StepReport(i, loss, count, norm))
     model.eval()
     return result
+
+
+# ---- schedule and data order ----------------------------------------------------------------
+
+
+def lr_schedule(lr: float, kind: str, warmup: int, total: int):
+    """Linear warm-up (the first step already moves) then cosine / linear decay to 0, or constant."""
+    import mlx.optimizers as optim
+
+    decay_steps = max(total - warmup, 1)
+    if kind == "cosine":
+        decay = optim.cosine_decay(lr, decay_steps, 0.0)
+    elif kind == "linear":
+        decay = optim.linear_schedule(lr, 0.0, decay_steps)
+    else:
+        decay = lambda _step: lr  # noqa: E731
+    if warmup < 2:
+        return decay
+    return optim.join_schedules([optim.linear_schedule(lr / warmup, lr, warmup - 1), decay], [warmup])
+
+
+def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Length-grouped batches (little padding), in an order fixed by (seed, epoch)."""
+    import numpy as np
+
+    rng = np.random.default_rng([seed, epoch])
+    tie = rng.random(len(lengths))
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], tie[i]))
+    groups = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [groups[i] for i in rng.permutation(len(groups))]
+
+
+# ---- the run ----------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainSummary:
+    run_dir: str
+    steps: int
+    total_steps: int
+    final_loss: float | None
+    best_val_loss: float | None
+    best_step: int | None
+    adapter_from_step: int | None
+    stopped_early: bool
+    interrupted: bool
+    seconds: float
+    tokens: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Control:
+    """Lets a callback (or Ctrl-C) ask the loop to stop after the current step."""
+
+    def __init__(self):
+        self.stop_requested = False
+
+    def request_stop(self) -> None:
+        self.stop_requested = True
+
+
+def run(prepared, *, callback=None, control: Control | None = None) -> TrainSummary:
+    """Train a prepared run (see session.prepare_run) to its end, early stop, or a stop request."""
+    import mlx.core as mx
+    import mlx.optimizers as optim
+
+    from mlx_gemma_tune import evaluate, lora, rundir
+    from mlx_gemma_tune.data import batches as to_arrays
+
+    p = prepared
+    cfg = p.recipe.train
+    control = control or Control()
+    emit = _Emitter(callback)
+    model, run_dir = p.model, Path(p.run_dir)
+    lengths = [len(e.tokens) for e in p.train]
+    n_batches = len(epoch_batches(lengths, cfg.batch_size, cfg.seed, 0))
+    steps_per_epoch = max(1, math.ceil(n_batches / cfg.grad_accumulation))
+    total = cfg.iters or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    warmup = int(round(cfg.warmup_ratio * total))
+    optimizer = optim.AdamW(learning_rate=lr_schedule(cfg.lr, cfg.schedule, warmup, total),
+                            weight_decay=cfg.weight_decay)
+    state = {"step": 0, "best_val_loss": None, "best_step": None, "bad_evals": 0, "ema": None,
+             "metrics_lines": 0, "tokens": 0, "adapter_from_step": None}
+    if p.resume_from is not None:
+        state, opt_state = rundir.read_checkpoint(p.resume_from)
+        optimizer.state = opt_state
+    metrics = rundir.Metrics(run_dir, keep_lines=state["metrics_lines"])
+    step_fn = make_step(model, optimizer, cfg.max_grad_norm)
+    epoch_cache: dict[int, list[list[int]]] = {}
+
+    def micro_batch(m: int):
+        epoch, index = divmod(m, n_batches)
+        if epoch not in epoch_cache:
+            epoch_cache.clear()
+            epoch_cache[epoch] = epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch)
+        rows = [p.train[i] for i in epoch_cache[epoch][index]]
+        return next(to_arrays(rows, len(rows))), epoch
+
+    def validate() -> float:
+        model.eval()
+        rows = p.valid if cfg.val_batches is None else p.valid[: cfg.val_batches * cfg.batch_size]
+        loss, _ = evaluate.dataset_loss(model, rows, cfg.batch_size)
+        model.train()
+        return loss
+
+    def save(step: int) -> Path:
+        if not p.valid:  # no validation: the run's adapter is the latest one
+            state["adapter_from_step"] = step
+        path = rundir.write_checkpoint(run_dir, step, model, p.lora, optimizer,
+                                       state | {"metrics_lines": metrics.count})
+        best = rundir.checkpoint_dir(run_dir, state["best_step"]) if state["best_step"] else None
+        rundir.prune_checkpoints(run_dir, cfg.keep_checkpoints, protect=best)
+        if not p.valid:
+            rundir.publish_adapter(run_dir, path)
+        emit.event("checkpoint", {"step": step, "path": str(path)})
+        return path
+
+    emit.event("start", {"total_steps": total, "start_step": state["step"], "steps_per_epoch": steps_per_epoch,
+                         "train_rows": len(p.train), "valid_rows": len(p.valid), "run_dir": str(run_dir),
+                         "trainable_parameters": lora.trainable_parameters(model), "modules": len(p.lora.modules)})
+    started = time.monotonic()
+    window = {"loss": 0.0, "tokens": 0, "steps": 0, "t": time.perf_counter()}
+    last_ckpt = rundir.list_checkpoints(run_dir)[-1] if rundir.list_checkpoints(run_dir) else None
+    stopped_early = interrupted = False
+    previous_handler = _install_sigint(control)
+    model.train()
+    try:
+        while state["step"] < total:
+            step = state["step"] + 1
+            mx.random.seed(cfg.seed * 1_000_003 + step)  # dropout depends on (seed, step) only
+            first = (step - 1) * cfg.grad_accumulation
+            micro, epoch = [], 0
+            for m in range(first, first + cfg.grad_accumulation):
+                batch, epoch = micro_batch(m)
+                micro.append(batch)
+            loss, count, norm, ok = step_fn(micro)
+            if not ok:
+                raise _non_finite(step, loss, norm, str(last_ckpt) if last_ckpt else None)
+            state["step"] = step
+            state["tokens"] += count
+            state["ema"] = loss if state["ema"] is None else EMA * state["ema"] + (1 - EMA) * loss
+            window["loss"] += loss
+            window["tokens"] += count
+            window["steps"] += 1
+            if step % cfg.report_every == 0 or step == total:
+                now = time.perf_counter()
+                dt = max(now - window["t"], 1e-9)
+                info = {"type": "train", "step": step, "total_steps": total, "epoch": epoch + 1,
+                        "loss": window["loss"] / window["steps"], "smoothed_loss": state["ema"],
+                        "lr": float(optimizer.learning_rate), "tokens_per_sec": window["tokens"] / dt,
+                        "it_per_sec": window["steps"] / dt, "peak_memory_gb": mx.get_peak_memory() / 1e9,
+                        "grad_norm": norm}
+                metrics.write(info)
+                emit.train(info | {"best_val_loss": state["best_val_loss"]})
+                window = {"loss": 0.0, "tokens": 0, "steps": 0, "t": time.perf_counter()}
+            if p.valid and (step % cfg.eval_every == 0 or step == total):
+                val = validate()
+                improved = state["best_val_loss"] is None or val < state["best_val_loss"]
+                if improved:
+                    state.update(best_val_loss=val, best_step=step, bad_evals=0)
+                else:
+                    state["bad_evals"] += 1
+                patience = cfg.early_stopping_patience
+                stop = patience is not None and state["bad_evals"] >= patience
+                info = {"type": "val", "step": step, "val_loss": val, "best_val_loss": state["best_val_loss"],
+                        "best_step": state["best_step"], "improved": improved}
+                metrics.write(info)
+                emit.val(info)
+                if improved:  # the best adapter is the run's adapter: checkpoint it and publish it
+                    state["adapter_from_step"] = step
+                    last_ckpt = save(step)
+                    rundir.publish_adapter(run_dir, last_ckpt)
+                if stop:
+                    stopped_early = True
+                    emit.event("early_stop", {"step": step, "best_step": state["best_step"]})
+                    break
+            if step % cfg.save_every == 0 or step == total:
+                if rundir.checkpoint_dir(run_dir, step) not in rundir.list_checkpoints(run_dir):
+                    last_ckpt = save(step)
+            if control.stop_requested:
+                interrupted = step < total
+                if rundir.checkpoint_dir(run_dir, step) not in rundir.list_checkpoints(run_dir):
+                    last_ckpt = save(step)
+                break
+    finally:
+        _restore_sigint(previous_handler)
+        model.eval()
+    if not p.valid or state["adapter_from_step"] is None:
+        if last_ckpt is not None:
+            rundir.publish_adapter(run_dir, last_ckpt)
+            state["adapter_from_step"] = int(Path(last_ckpt).name.split("-")[1])
+    rundir.plot_losses(run_dir, metrics.read())
+    train_records = [r for r in metrics.read() if r.get("type") == "train"]
+    summary = TrainSummary(
+        run_dir=str(run_dir), steps=state["step"], total_steps=total,
+        final_loss=train_records[-1]["loss"] if train_records else None,
+        best_val_loss=state["best_val_loss"], best_step=state["best_step"],
+        adapter_from_step=state["adapter_from_step"], stopped_early=stopped_early, interrupted=interrupted,
+        seconds=round(time.monotonic() - started, 2), tokens=state["tokens"])
+    from mlx_gemma_tune import fsio
+
+    fsio.atomic_write_json(run_dir / "summary.json", summary.to_dict())
+    emit.event("end", summary.to_dict())
+    return summary
+
+
+class _Emitter:
+    def __init__(self, callback):
+        self.cb = callback
+
+    def train(self, info):
+        if self.cb is not None:
+            self.cb.on_train_report(info)
+
+    def val(self, info):
+        if self.cb is not None:
+            self.cb.on_val_report(info)
+
+    def event(self, kind, info):
+        if self.cb is not None and hasattr(self.cb, "on_event"):
+            self.cb.on_event(kind, info)
+
+
+def _install_sigint(control: Control):
+    """First Ctrl-C: stop after this step and checkpoint. Second: stop now."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        if control.stop_requested:
+            raise KeyboardInterrupt
+        control.request_stop()
+
+    return signal.signal(signal.SIGINT, handler)
+
+
+def _restore_sigint(previous) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGINT, previous)

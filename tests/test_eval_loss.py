@@ -49,7 +49,7 @@ def test_eval_loss_equals_transformers(family, hf_model, chat_file):
     res = run_cli(["eval", hf_model(family), "--data", chat_file, "--metric", "loss", "--json"])
     assert res.exit_code == 0, res.output
     got = json.loads(res.stdout)
-    examples, _ = data.load_chat_examples(load_tokenizer(hf_model(family)), chat_file)
+    examples, _ = data.load_examples(load_tokenizer(hf_model(family)), chat_file)
     ref = _transformers_loss(hf_model(family), examples)
     assert got["rows"] == len(CHAT) and got["tokens"] == sum(sum(e.mask[1:]) for e in examples)
     assert abs(got["loss"] - ref) < 1e-4, (got["loss"], ref)
@@ -63,7 +63,7 @@ def test_mask_covers_every_assistant_turn(family, hf_model):
     from mlx_gemma_tune import data
 
     tok = load_tokenizer(hf_model(family))
-    ex = data.encode_chat(tok, data._messages(CHAT[1], "row"))
+    ex = data.encode_chat(tok, CHAT[1]["messages"])
     trained = tok._tokenizer.decode([t for t, m in zip(ex.tokens, ex.mask) if m])
     eot = "<end_of_turn>" if TEMPLATE_OF[family] == "gemma3" else "<turn|>"
     assert trained == f"Four.{eot}\nSix.{eot}\n"
@@ -81,7 +81,7 @@ def test_eval_human_output(hf_model, chat_file):
     ('{"prompt": "hi", "completion": "hello"}\n{"messages": oops}\n', ":2: is not valid JSON"),
     ('{"messages": [{"role": "robot", "content": "hi"}]}\n', ":1: message 0 has unknown role 'robot'"),
     ('{"messages": [{"role": "user", "content": "hi"}]}\n', ":1: has no assistant message"),
-    ('{"text": "hello"}\n', ":1: needs a 'messages' list"),
+    ('{"foo": "hello"}\n', ":1: row has neither a known schema"),
     ("\n\n", "has no rows"),
 ])
 def test_bad_dataset_is_one_line(content, needle, hf_model, tmp_path):

@@ -123,7 +123,7 @@ def _train(model_dir, method, steps=30, lr=1e-3, chat=CHAT, tmp=None):
     lora.apply(model, config, settings)
     path = tmp / "chat.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in chat) + "\n")
-    examples, _ = data.load_chat_examples(tokenizer, path)
+    examples, _ = data.load_examples(tokenizer, path)
     batches = itertools.islice(itertools.cycle(list(data.batches(examples, 4))), steps)
     result = trainer.fit(model, batches, optim.Adam(learning_rate=lr))
     return model, config, settings, result

@@ -1,0 +1,153 @@
+"""Preparing a training run: recipe, run directory, base model, adapter layers and data.
+
+Everything that can be wrong with the user's input is checked here, before the run
+directory is created, so a refused run writes nothing.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+from mlx_gemma_tune import recipe as recipes
+from mlx_gemma_tune.errors import InputError, OutputError, UserError
+
+
+@dataclass
+class Prepared:
+    recipe: recipes.Recipe
+    run_dir: Path
+    model: object
+    tokenizer: object
+    config: dict
+    lora: object  # lora.LoraSettings
+    train: list
+    valid: list
+    base: Path
+    resume_from: Path | None = None
+    notes: dict = field(default_factory=dict)  # truncated / dropped / held_out counts
+
+
+def resolve_recipe(recipe_ref: str | None, *, model: str | None = None, data: str | None = None,
+                   sets: tuple[str, ...] = ()) -> tuple[recipes.Recipe, str]:
+    """The validated recipe (defaults < recipe < flags and --set) and its name."""
+    raw, source, name = {}, "recipe", "run"
+    if recipe_ref:
+        path = recipes.find_recipe(recipe_ref)
+        raw, source, name = recipes.read_yaml(path), str(path), path.stem
+    overrides = recipes.parse_set(list(sets))
+    if model:
+        overrides["model.path"] = model
+    if data:
+        overrides["data.path"] = data
+    return recipes.build(raw, overrides, source), name
+
+
+def prepare_run(recipe_ref: str | None = None, *, model: str | None = None, data: str | None = None,
+                out: str | None = None, sets: tuple[str, ...] = (), resume: str | None = None,
+                force: bool = False, progress: Callable[[str], None] | None = None) -> Prepared:
+    from mlx_gemma_tune import rundir
+
+    say = progress or (lambda _m: None)
+    resume_from = None
+    if resume:
+        if recipe_ref or model or data or sets or out:
+            raise UserError("--resume continues a run exactly as recorded in its recipe.yaml; do not combine "
+                            "it with a recipe, --model, --data, --set or -o")
+        run_dir = Path(resume).expanduser()
+        if not (run_dir / "recipe.yaml").is_file():
+            raise InputError("is not a run directory (no recipe.yaml)", where=str(run_dir))
+        recipe = recipes.build(recipes.read_yaml(run_dir / "recipe.yaml"), source=str(run_dir / "recipe.yaml"))
+        done = rundir.list_checkpoints(run_dir)
+        if not done:
+            raise InputError("has no complete checkpoint to resume from", where=str(run_dir),
+                             hint="start it again with --force")
+        resume_from = done[-1]
+    else:
+        recipe, name = resolve_recipe(recipe_ref, model=model, data=data, sets=sets)
+        run_dir = Path(out).expanduser() if out else Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
+        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())) and not force:
+            raise OutputError("already exists", where=str(run_dir),
+                              hint="pass --resume to continue it, or --force to replace it")
+        for src in (recipe.model.path, recipe.data.path):
+            s = Path(src).expanduser()
+            if s.exists() and (run_dir.resolve() == s.resolve() or s.resolve() in run_dir.resolve().parents):
+                raise OutputError("is inside an input", where=str(run_dir), hint="choose another run directory")
+
+    # The inputs, checked before anything is written.
+    say("Reading the dataset")
+    from mlx_gemma_tune import dataset_files
+
+    splits = dataset_files.read_splits(recipe.data.path)
+    say("Preparing the base model")
+    from mlx_gemma_tune import convert, lora, models
+
+    base = convert.ensure_base(recipe.model.path, recipe.model.quantize, progress=say)
+    say("Loading the base model")
+    model_obj, tokenizer, config = models.load(base)
+    say("Tokenizing")
+    train, valid, notes = _examples(tokenizer, splits, recipe)
+
+    import mlx.core as mx
+
+    mx.random.seed(recipe.train.seed)  # adapter initialisation
+    lo = recipe.lora
+    settings = lora.LoraSettings(rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, method=lo.method,
+                                 targets=lo.targets, num_layers=lo.num_layers, experts=lo.experts)
+    lora.apply(model_obj, config, settings)
+    if resume_from is not None:
+        import mlx.core as mx2
+
+        model_obj.load_weights(list(mx2.load(str(resume_from / lora.ADAPTER_WEIGHTS)).items()), strict=False)
+    else:
+        if run_dir.exists() and force:
+            shutil.rmtree(run_dir) if run_dir.is_dir() else run_dir.unlink()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        from mlx_gemma_tune import fsio
+
+        header = ("# The resolved recipe of this run: defaults < recipe < flags and --set.\n"
+                  f"# Continue it with: mlx-gemma-tune train --resume {run_dir}\n")
+        fsio.atomic_write_text(run_dir / "recipe.yaml", recipes.to_yaml(recipe, header))
+    return Prepared(recipe=recipe, run_dir=run_dir, model=model_obj, tokenizer=tokenizer, config=config,
+                    lora=settings, train=train, valid=valid, base=base, resume_from=resume_from, notes=notes)
+
+
+def _examples(tokenizer, splits: dict, recipe: recipes.Recipe):
+    import numpy as np
+
+    from mlx_gemma_tune import data
+
+    d = recipe.data
+    notes = {"truncated": 0, "dropped": 0, "held_out": 0}
+
+    def encode(rows):
+        out = []
+        for row in rows:
+            ex = data.encode_row(tokenizer, row, d.mask_prompt)
+            fitted = data.fit_length(ex, d.max_seq_length, d.overlong)
+            if fitted is None:
+                notes["dropped"] += 1
+                continue
+            notes["truncated"] += fitted is not ex
+            if sum(fitted.mask[1:]):
+                out.append(fitted)
+            else:
+                notes["dropped"] += 1  # nothing left to learn from after truncation
+        return out
+
+    train = encode(splits["train"])
+    valid = encode(splits["valid"]) if splits.get("valid") else []
+    if not splits.get("valid") and d.valid_fraction > 0 and len(train) >= 2:
+        order = np.random.default_rng(recipe.train.seed).permutation(len(train))
+        n_valid = max(1, int(round(d.valid_fraction * len(train))))
+        held = set(order[:n_valid].tolist())
+        valid = [e for i, e in enumerate(train) if i in held]
+        train = [e for i, e in enumerate(train) if i not in held]
+        notes["held_out"] = n_valid
+    if not train:
+        raise InputError("has no training rows left (after holding out validation rows and dropping overlong ones)",
+                         where=str(d.path))
+    return train, valid, notes

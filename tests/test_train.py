@@ -1,0 +1,341 @@
+"""`train`: recipes, every data format, run directory, exact resume, early stopping, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from helpers import assert_one_line_error, run_cli, snapshot
+
+QA = [("Capital of France?", "Paris."), ("Two plus two?", "Four."), ("Colour of the sky?", "Blue."),
+      ("Opposite of hot?", "Cold."), ("First letter?", "A."), ("Largest ocean?", "Pacific."),
+      ("Frozen water?", "Ice."), ("Baby cat?", "Kitten.")]
+FAST = ["--set", "train.lr=1e-3", "--set", "lora.rank=4", "--set", "lora.dropout=0.0",
+        "--set", "train.batch_size=4", "--set", "train.report_every=1"]
+
+
+def chat_rows(pairs=QA, system=None):
+    rows = []
+    for q, a in pairs:
+        msgs = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        rows.append({"messages": msgs})
+    return rows
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def train_records(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line)["type"] == "train"]
+
+
+def test_train_writes_a_complete_run_dir(hf_model, tmp_path):
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows())
+    run = tmp_path / "run"
+    res = run_cli(["train", "--model", hf_model("gemma4_edge"), "--data", data, "-o", run, *FAST,
+                   "--set", "train.iters=12", "--set", "train.eval_every=4", "--set", "train.save_every=4",
+                   "--set", "data.valid_fraction=0.25"])
+    assert res.exit_code == 0, res.output
+    for name in ("recipe.yaml", "adapters.safetensors", "adapter_config.json", "metrics.jsonl", "loss.png",
+                 "summary.json"):
+        assert (run / name).is_file(), name
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "step-00000004", "step-00000008", "step-00000012"]
+    # Non-TTY dashboard: one plain line per report with step, loss and tok/s.
+    lines = [line for line in res.stdout.splitlines() if line.startswith("step ") and "loss" in line
+             and "tok/s" in line]
+    assert [int(line.split()[1].split("/")[0]) for line in lines] == list(range(1, 13))
+    assert any("val_loss" in line for line in res.stdout.splitlines())
+    recs = train_records(run)
+    assert len(recs) == 12 and recs[-1]["loss"] < recs[0]["loss"]
+    from PIL import Image
+
+    assert Image.open(run / "loss.png").size == (640, 400)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["best_step"] is not None
+    # The recipe written is the resolved one: it reproduces the run.
+    import yaml
+
+    saved = yaml.safe_load((run / "recipe.yaml").read_text())
+    assert saved["train"]["lr"] == 1e-3 and saved["lora"]["rank"] == 4 and saved["data"]["path"] == str(data)
+
+
+def test_mlx_lm_loads_the_run_adapter(hf_model, tmp_path):
+    import mlx.core as mx
+    from mlx_lm import generate, load
+
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows())
+    run = tmp_path / "run"
+    res = run_cli(["train", "--model", hf_model("gemma3_text"), "--data", data, "-o", run, *FAST,
+                   "--set", "train.iters=6"])
+    assert res.exit_code == 0, res.output
+    model, tok = load(str(hf_model("gemma3_text")), adapter_path=str(run))
+    text = generate(model, tok, prompt="Capital of France?", max_tokens=4)
+    assert isinstance(text, str)
+    base, _ = load(str(hf_model("gemma3_text")))
+    x = mx.array([[2, 40, 41, 42]])
+    assert float(mx.abs(model(x) - base(x)).max()) > 1e-4  # the adapter is really applied
+
+
+def _dataset(kind: str, container: str, tmp_path):
+    """The QA pairs in one of the row formats, written in one of the containers."""
+    if kind == "chat":
+        rows = chat_rows()
+    elif kind == "prompt_completion":
+        rows = [{"prompt": q, "completion": a} for q, a in QA]
+    elif kind == "dolly":
+        rows = [{"instruction": q, "context": "Answer briefly." if i % 2 else "", "response": a,
+                 "category": "qa"} for i, (q, a) in enumerate(QA)]
+    else:
+        rows = [{"text": f"Question: {q} Answer: {a}"} for q, a in QA]
+    if container == "jsonl":
+        return write_jsonl(tmp_path / "data.jsonl", rows)
+    if container == "csv":
+        import csv
+
+        path = tmp_path / "data.csv"
+        with open(path, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        return path
+    if container == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = tmp_path / "data.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), path)
+        return path
+    import datasets
+
+    path = tmp_path / "hfds"
+    datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    return path
+
+
+@pytest.mark.parametrize("kind,container", [
+    ("chat", "jsonl"), ("prompt_completion", "jsonl"), ("dolly", "jsonl"), ("text", "jsonl"),
+    ("dolly", "csv"), ("prompt_completion", "parquet"), ("chat", "save_to_disk"), ("text", "csv"),
+])
+def test_every_format_trains(kind, container, hf_model, tmp_path):
+    data = _dataset(kind, container, tmp_path)
+    run = tmp_path / "run"
+    res = run_cli(["train", "--model", hf_model("gemma3n"), "--data", data, "-o", run, *FAST,
+                   "--set", "train.iters=15", "--set", "data.valid_fraction=0"])
+    assert res.exit_code == 0, res.output
+    recs = train_records(run)
+    assert len(recs) == 15 and all(math.isfinite(r["loss"]) for r in recs)
+    assert recs[-1]["loss"] < 0.7 * recs[0]["loss"], (recs[0]["loss"], recs[-1]["loss"])
+    assert (run / "adapters.safetensors").is_file()
+
+
+class StopAt:
+    """A callback that asks the trainer to stop after a given step (as Ctrl-C does)."""
+
+    def __init__(self, control, step):
+        self.control, self.step = control, step
+
+    def on_train_report(self, info):
+        if info["step"] == self.step:
+            self.control.request_stop()
+
+    def on_val_report(self, info):
+        pass
+
+
+def test_resume_is_exact(hf_model, tmp_path):
+    from mlx_gemma_tune import session, trainer
+
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows())
+    sets = ("train.lr=1e-3", "lora.rank=4", "lora.dropout=0.1", "train.batch_size=2", "train.grad_accumulation=2",
+            "train.report_every=1", "train.iters=10", "train.save_every=3", "train.eval_every=5",
+            "data.valid_fraction=0.25")
+    full = trainer.run(session.prepare_run(model=str(hf_model("gemma4_moe")), data=str(data),
+                                           out=str(tmp_path / "a"), sets=sets))
+    assert full.steps == 10 and not full.interrupted
+
+    control = trainer.Control()
+    first = trainer.run(session.prepare_run(model=str(hf_model("gemma4_moe")), data=str(data),
+                                            out=str(tmp_path / "b"), sets=sets),
+                        callback=StopAt(control, 4), control=control)
+    assert first.interrupted and first.steps == 4
+    assert (tmp_path / "b" / "checkpoints" / "step-00000004" / "state.json").is_file()
+    res = run_cli(["train", "--resume", tmp_path / "b"])
+    assert res.exit_code == 0, res.output
+    a, b = train_records(tmp_path / "a"), train_records(tmp_path / "b")
+    assert [r["step"] for r in b] == list(range(1, 11))
+    for ra, rb in zip(a, b):
+        assert abs(ra["loss"] - rb["loss"]) <= 1e-6, (ra["step"], ra["loss"], rb["loss"])
+    from safetensors.numpy import load_file
+
+    wa, wb = load_file(tmp_path / "a" / "adapters.safetensors"), load_file(tmp_path / "b" / "adapters.safetensors")
+    assert wa.keys() == wb.keys() and all(abs(wa[k] - wb[k]).max() <= 1e-6 for k in wa)
+
+
+def test_interrupted_cli_run_prints_resume_command(hf_model, tmp_path, monkeypatch):
+    from mlx_gemma_tune import trainer
+
+    real_run = trainer.run
+
+    def run_with_stop(prepared, callback=None, control=None):  # as if Ctrl-C arrived during step 2
+        control = trainer.Control()
+        return real_run(prepared, callback=_Both(callback, StopAt(control, 2)), control=control)
+
+    monkeypatch.setattr(trainer, "run", run_with_stop)
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows())
+    res = run_cli(["train", "--model", hf_model("gemma3_text"), "--data", data, "-o", tmp_path / "r", *FAST,
+                   "--set", "train.iters=8"])
+    assert res.exit_code == 130
+    assert f"mlx-gemma-tune train --resume {tmp_path / 'r'}" in res.stderr
+    assert (tmp_path / "r" / "checkpoints" / "step-00000002").is_dir()
+
+
+class _Both:
+    def __init__(self, *cbs):
+        self.cbs = [c for c in cbs if c is not None]
+
+    def on_train_report(self, info):
+        for c in self.cbs:
+            c.on_train_report(info)
+
+    def on_val_report(self, info):
+        for c in self.cbs:
+            c.on_val_report(info)
+
+    def on_event(self, kind, info):
+        for c in self.cbs:
+            if hasattr(c, "on_event"):
+                c.on_event(kind, info)
+
+
+def test_early_stopping_keeps_the_best_adapter(hf_model, tmp_path):
+    # Validation answers contradict the training answers: the longer it trains, the worse it validates.
+    split = tmp_path / "split"
+    split.mkdir()
+    write_jsonl(split / "train.jsonl", chat_rows())
+    write_jsonl(split / "valid.jsonl", chat_rows([(q, "Banana.") for q, _ in QA]))
+    run = tmp_path / "run"
+    res = run_cli(["train", "--model", hf_model("gemma3_text"), "--data", split, "-o", run, *FAST,
+                   "--set", "train.iters=40", "--set", "train.eval_every=2", "--set", "train.save_every=100",
+                   "--set", "train.early_stopping_patience=2", "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    vals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"val"' in x]
+    best = min(vals, key=lambda r: r["val_loss"])
+    assert summary["stopped_early"] and summary["steps"] < 40
+    assert summary["best_step"] == best["step"] == summary["adapter_from_step"]
+    ckpt = run / "checkpoints" / f"step-{best['step']:08d}" / "adapters.safetensors"
+    assert (run / "adapters.safetensors").read_bytes() == ckpt.read_bytes()
+    assert vals[-1]["val_loss"] > best["val_loss"]
+
+
+# ---- bad input: one clear line, nothing written ---------------------------------------------
+
+
+@pytest.mark.parametrize("content,needle", [
+    ('{"prompt": "a", "completion": "b"}\n{"messages": [oops]}\n', "data.jsonl:2"),
+    ('{"prompt": "a", "completion": "b"}\n{"foo": 1}\n', "data.jsonl:2"),
+    ("", "data.jsonl"),
+    ('{"messages": [{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}]}\n', "wizard"),
+])
+def test_bad_datasets(content, needle, hf_model, tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text(content)
+    before = snapshot(tmp_path)
+    res = run_cli(["train", "--model", hf_model("gemma3_text"), "--data", data, "-o", tmp_path / "run"])
+    assert_one_line_error(res, needle)
+    assert snapshot(tmp_path) == before
+
+
+def test_overlong_row_with_overlong_error(hf_model, tmp_path):
+    data = write_jsonl(tmp_path / "data.jsonl", chat_rows() + chat_rows([("x " * 300, "y")]))
+    before = snapshot(tmp_path)
+    res = run_cli(["train", "--model", hf_model("gemma3_text"), "--data", data, "-o", tmp_path / "run",
+                   "--set", "data.overlong=error", "--set", "data.max_seq_length=64"])
+    assert_one_line_error(res, "data.jsonl:9", "longer than data.max_seq_length 64")
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("recipe_text,needles", [
+    ("lora:\n  rnak: 8\n", ["unknown key 'lora.rnak'", "did you mean 'lora.rank'?"]),
+    ("train:\n  lr: fast\n", ["train.lr: expected a number, got 'fast'"]),
+    ("train:\n  lr: -1.0\n", ["train.lr must be positive"]),
+    ("lora:\n  rank: 0\n", ["lora.rank must be at least 1"]),
+    ("lora:\n  method: qdora\n", ["lora.method: must be one of lora, dora"]),
+    ("trian:\n  lr: 1.0\n", ["unknown section 'trian'", "did you mean 'train'?"]),
+])
+def test_bad_recipes(recipe_text, needles, hf_model, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(recipe_text)
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows())
+    before = snapshot(tmp_path)
+    res = run_cli(["train", recipe, "--model", hf_model("gemma3_text"), "--data", data, "-o", tmp_path / "run"])
+    assert_one_line_error(res, str(recipe), *needles)
+    assert snapshot(tmp_path) == before
+
+
+def test_all_recipe_problems_at_once(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("lora:\n  rnak: 8\ntrain:\n  lr: fast\n  batchsize: 2\n")
+    res = run_cli(["train", recipe])
+    line = assert_one_line_error(res, "lora.rnak", "train.lr", "train.batch_size", "model.path is required",
+                                 "data.path is required")
+    assert line.count(";") >= 4
+
+
+def test_run_dir_exists(hf_model, tmp_path):
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows())
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "keep.txt").write_text("precious")
+    before = snapshot(tmp_path)
+    res = run_cli(["train", "--model", hf_model("gemma3_text"), "--data", data, "-o", run])
+    assert_one_line_error(res, str(run), "already exists", "--resume", "--force")
+    assert snapshot(tmp_path) == before
+
+
+def test_set_without_equals_and_unknown_set_key(hf_model, tmp_path):
+    assert_one_line_error(run_cli(["train", "--set", "lora.rank"]), "--set expects key=value")
+    assert_one_line_error(run_cli(["train", "--set", "lora.rnk=3", "--model", "m", "--data", "d"]),
+                          "did you mean 'lora.rank'?")
+
+
+# ---- recipes ----------------------------------------------------------------------------------
+
+
+def test_recipes_list_show_copy(tmp_path):
+    from mlx_gemma_tune import recipe
+
+    res = run_cli(["recipes", "list"])
+    assert res.exit_code == 0
+    names = [line.split()[0] for line in res.stdout.splitlines()]
+    assert {"gemma4-e2b-lora", "gemma4-e2b-qlora", "gemma3n-e2b-lora", "gemma4-26b-a4b-qlora"} <= set(names)
+    for name in names:  # every shipped recipe is valid once given a dataset
+        r = recipe.build(recipe.read_yaml(recipe.find_recipe(name)), {"data.path": "x.jsonl"}, name)
+        assert r.model.path.startswith("google/")
+        text = recipe.find_recipe(name).read_text()
+        assert text.startswith("# ") and f"mlx-gemma-tune train {name}" in text
+    shown = run_cli(["recipes", "show", "gemma4-e2b-qlora"])
+    assert shown.exit_code == 0 and "quantize: 4" in shown.stdout
+    dest = tmp_path / "mine.yaml"
+    assert run_cli(["recipes", "copy", "gemma4-e2b-qlora", dest]).exit_code == 0
+    assert dest.read_text() == shown.stdout
+    assert_one_line_error(run_cli(["recipes", "copy", "gemma4-e2b-qlora", dest]), "already exists")
+    assert_one_line_error(run_cli(["recipes", "show", "gemma4-e2b-lroa"]), "did you mean 'gemma4-e2b-lora'?")
+
+
+def test_precedence_defaults_recipe_flags(tmp_path):
+    from mlx_gemma_tune.session import resolve_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("model:\n  path: a\ndata:\n  path: b\nlora:\n  rank: 8\ntrain:\n  lr: 1e-4\n")
+    r, name = resolve_recipe(str(path), data="c", sets=("lora.rank=32",))
+    assert name == "r" and r.model.path == "a" and r.data.path == "c"
+    assert r.lora.rank == 32 and r.train.lr == 1e-4 and r.lora.alpha == 32.0 and r.train.schedule == "cosine"
+    assert r.train.epochs == 3 and r.train.batch_size == 4 and r.lora.dropout == 0.05 and r.train.warmup_ratio == 0.1
