@@ -242,5 +242,30 @@ def recipes_copy(name, dest, force):
     click.echo(f"Copied {src.stem} to {target}")
 
 
+@cli.group()
+def data():
+    """Inspect datasets before training."""
+
+
+@data.command("check")
+@click.argument("path")
+@click.option("--model", default=None, type=click.Path(file_okay=False),
+              help="A model directory whose tokenizer and chat template measure the rows in tokens.")
+@click.option("--max-seq-length", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="Count rows longer than this many tokens (needs --model).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def data_check(path, model, max_seq_length, as_json):
+    """Report rows, formats, length stats, overlong, duplicate and empty rows of PATH."""
+    from mlx_gemma_tune import ui
+    from mlx_gemma_tune.dataset_files import check
+
+    with ui.status("Checking the dataset"):
+        report = check(path, model, max_seq_length)
+    if as_json:
+        ui.print_json(report.to_dict())
+    else:
+        ui.show_data_report(report)
+
+
 def main() -> None:
     cli(prog_name="mlx-gemma-tune")

@@ -382,3 +382,15 @@ def _length(row: Row, tokenizer) -> int:
 def _percentile(ordered: list[int], q: float) -> int:
     """Nearest-rank percentile of sorted values."""
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def check(path: str | Path, model: str | Path | None = None, max_seq_length: int = 2048) -> DataReport:
+    """check_dataset with the tokenizer of a local model directory (token lengths), if given."""
+    tokenizer = None
+    if model is not None:
+        from mlx_lm.utils import load_tokenizer
+
+        from mlx_gemma_tune.models import resolve_model_dir
+
+        tokenizer = load_tokenizer(resolve_model_dir(model))
+    return check_dataset(path, tokenizer, max_seq_length)

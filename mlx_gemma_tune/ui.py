@@ -144,6 +144,25 @@ def show_doctor(rep) -> None:
         err.print(f"[yellow]warning:[/] {p}", soft_wrap=True)
 
 
+def show_data_report(r) -> None:
+    t = Table(title=f"Dataset {r.path}", show_header=False, title_justify="left", box=None, padding=(0, 2))
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("Rows", ", ".join(f"{split} {n:,}" for split, n in r.splits.items()))
+    t.add_row("Formats", ", ".join(f"{fmt} {n:,}" for fmt, n in r.formats.items()))
+    lengths = r.lengths
+    t.add_row(f"Length ({r.length_unit})", f"min {lengths['min']}  mean {lengths['mean']}  p50 {lengths['p50']}  "
+              f"p95 {lengths['p95']}  max {lengths['max']}")
+    if r.too_long is None:
+        t.add_row("Over max length", "pass --model to count rows in tokens")
+    else:
+        at = f" (e.g. {', '.join(r.too_long_at)})" if r.too_long_at else ""
+        t.add_row(f"Over {r.max_seq_length} tokens", f"{r.too_long}{at}")
+    t.add_row("Duplicates", f"{r.duplicates}" + (f" (e.g. {'; '.join(r.duplicates_at)})" if r.duplicates_at else ""))
+    t.add_row("Empty fields", f"{r.empty}" + (f" (e.g. {', '.join(r.empty_at)})" if r.empty_at else ""))
+    out.print(t)
+
+
 SPARK = "▁▂▃▄▅▆▇█"
 
 

@@ -339,3 +339,90 @@ def test_precedence_defaults_recipe_flags(tmp_path):
     assert name == "r" and r.model.path == "a" and r.data.path == "c"
     assert r.lora.rank == 32 and r.train.lr == 1e-4 and r.lora.alpha == 32.0 and r.train.schedule == "cosine"
     assert r.train.epochs == 3 and r.train.batch_size == 4 and r.lora.dropout == 0.05 and r.train.warmup_ratio == 0.1
+
+
+# ---- masks, data check, QLoRA on the fly ------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["gemma3n", "gemma4_edge"])
+@pytest.mark.parametrize("system", [None, "You are terse."])
+def test_mask_token_by_token(family, system, hf_model):
+    """Only assistant tokens (every turn, with their end-of-turn marker) carry loss."""
+    from mlx_lm.utils import load_tokenizer
+
+    from mlx_gemma_tune import data
+
+    tok = load_tokenizer(hf_model(family))
+    hf = data.hf_tokenizer(tok)
+    msgs = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": "Two plus two?"}, {"role": "assistant", "content": "Four."},
+        {"role": "user", "content": "And three plus three?"}, {"role": "assistant", "content": "Six."}]
+    ex = data.encode_chat(tok, msgs)
+    eot = "<end_of_turn>" if family == "gemma3n" else "<turn|>"
+    # Walk the tokens: decode each masked run; they must be exactly the two answers.
+    runs, cur = [], []
+    for t, m in zip(ex.tokens, ex.mask):
+        if m:
+            cur.append(t)
+        elif cur:
+            runs.append(hf.decode(cur))
+            cur = []
+    if cur:
+        runs.append(hf.decode(cur))
+    assert runs == [f"Four.{eot}\n", f"Six.{eot}\n"]
+    unmasked = hf.decode([t for t, m in zip(ex.tokens, ex.mask) if not m])
+    assert "Two plus two?" in unmasked and "And three plus three?" in unmasked
+    if system:
+        assert system in unmasked
+        if family == "gemma3n":  # no system role: folded into the first user turn
+            assert f"<start_of_turn>user\n{system}" in unmasked
+        else:
+            assert f"<|turn>system\n{system}" in unmasked
+
+
+def test_no_mask_prompt_trains_on_everything(hf_model, tmp_path):
+    from mlx_lm.utils import load_tokenizer
+
+    from mlx_gemma_tune import data, dataset_files
+
+    path = write_jsonl(tmp_path / "d.jsonl", chat_rows()[:1])
+    row = dataset_files.read_rows(path)[0]
+    tok = load_tokenizer(hf_model("gemma3_text"))
+    assert all(data.encode_row(tok, row, mask_prompt=False).mask)
+    assert not all(data.encode_row(tok, row, mask_prompt=True).mask)
+
+
+def test_data_check_cli(hf_model, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", chat_rows()[:3] + chat_rows()[:1] + [{"prompt": "q", "completion": ""}])
+    res = run_cli(["data", "check", path, "--model", hf_model("gemma3n"), "--max-seq-length", "24", "--json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    assert rep["splits"] == {"train": 5} and rep["formats"] == {"chat": 4, "prompt_completion": 1}
+    assert rep["duplicates"] == 1 and rep["duplicates_at"][0].startswith(f"{path}:4")
+    assert rep["empty"] == 1 and rep["length_unit"] == "tokens"
+    from mlx_lm.utils import load_tokenizer
+
+    from mlx_gemma_tune import data, dataset_files
+
+    tok = load_tokenizer(hf_model("gemma3n"))
+    lengths = [len(data.encode_row(tok, r).tokens) for r in dataset_files.read_rows(path)]
+    assert rep["lengths"]["max"] == max(lengths) and rep["lengths"]["min"] == min(lengths)
+    assert rep["too_long"] == sum(n > 24 for n in lengths) > 0
+    human = run_cli(["data", "check", path])
+    assert human.exit_code == 0 and "Duplicates" in human.stdout and "characters" in human.stdout
+    assert_one_line_error(run_cli(["data", "check", tmp_path / "missing.jsonl"]), "missing.jsonl")
+
+
+def test_qlora_on_the_fly_is_cached(hf_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLX_GEMMA_TUNE_CACHE", str(tmp_path / "cache"))
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows())
+    for run in ("r1", "r2"):
+        res = run_cli(["train", "--model", hf_model("gemma4_dense"), "--data", data, "-o", tmp_path / run, *FAST,
+                       "--quantize", "4", "--set", "train.iters=8", "--set", "data.valid_fraction=0"])
+        assert res.exit_code == 0, res.output
+        recs = train_records(tmp_path / run)
+        assert recs[-1]["loss"] < recs[0]["loss"]
+    converted = list((tmp_path / "cache" / "models").iterdir())
+    assert len(converted) == 1  # converted once, reused by the second run
+    config = json.loads((converted[0] / "config.json").read_text())
+    assert config["quantization"]["bits"] == 4
