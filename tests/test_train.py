@@ -426,3 +426,27 @@ def test_qlora_on_the_fly_is_cached(hf_model, tmp_path, monkeypatch):
     assert len(converted) == 1  # converted once, reused by the second run
     config = json.loads((converted[0] / "config.json").read_text())
     assert config["quantization"]["bits"] == 4
+
+
+def test_nan_in_a_run_stops_with_step_and_last_checkpoint(hf_model, tmp_path, monkeypatch):
+    import mlx.core as mx
+
+    from mlx_gemma_tune import losses
+
+    real = losses.masked_cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(model, inputs, targets, mask):  # the 5th forward (step 5) returns NaN
+        calls["n"] += 1
+        total, count = real(model, inputs, targets, mask)
+        return (total * mx.array(float("nan")) if calls["n"] == 5 else total), count
+
+    monkeypatch.setattr(losses, "masked_cross_entropy", poisoned)
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows())
+    run = tmp_path / "run"
+    res = run_cli(["train", "--model", hf_model("gemma3_text"), "--data", data, "-o", run, *FAST,
+                   "--set", "train.iters=10", "--set", "train.save_every=2", "--set", "data.valid_fraction=0"])
+    line = assert_one_line_error(res, "step 5", "loss is nan", "not updated", str(run / "checkpoints" / "step-00000004"))
+    assert "train.lr" in line
+    assert (run / "checkpoints" / "step-00000004" / "state.json").is_file()
+    assert len(train_records(run)) == 4  # nothing recorded for the poisoned step
