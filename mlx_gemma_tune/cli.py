@@ -267,5 +267,109 @@ def data_check(path, model, max_seq_length, as_json):
         ui.show_data_report(report)
 
 
+def sampling_options(f):
+    """The sampling options chat and generate share."""
+    for opt in reversed([
+        click.option("--temp", type=click.FloatRange(min=0), default=1.0, show_default=True,
+                     help="Sampling temperature; 0 = greedy."),
+        click.option("--top-k", type=click.IntRange(min=0), default=64, show_default=True, help="0 = off."),
+        click.option("--top-p", type=click.FloatRange(0, 1), default=0.95, show_default=True, help="1 = off."),
+        click.option("--min-p", type=click.FloatRange(0, 1), default=0.0, show_default=True),
+        click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True),
+        click.option("--seed", type=int, default=None, help="Seed for reproducible sampling."),
+        click.option("--system", default=None, help="System prompt."),
+        click.option("--adapter", type=click.Path(file_okay=False), default=None,
+                     help="LoRA/DoRA adapter directory (a run directory's own adapter is used by default)."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _open_session(model_or_run, adapter, system, temp, top_k, top_p, min_p, max_tokens, seed):
+    from mlx_gemma_tune.generate import ChatSession, Sampling
+
+    sampling = Sampling(temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, max_tokens=max_tokens, seed=seed)
+    return ChatSession.open(model_or_run, adapter, system=system, sampling=sampling)
+
+
+@cli.command()
+@click.argument("model_or_run")
+@sampling_options
+def chat(model_or_run, adapter, system, temp, top_k, top_p, min_p, max_tokens, seed):
+    """Chat with MODEL_OR_RUN (a model directory, or a run directory: its base + adapter).
+
+    Type /help for the commands: /adapter PATH|off|on, /compare, /system, /temp, /topk,
+    /topp, /max, /reset, /save FILE, /quit.
+    """
+    from mlx_gemma_tune import ui
+    from mlx_gemma_tune.generate import run_command
+
+    with ui.status("Loading the model"):
+        session = _open_session(model_or_run, adapter, system, temp, top_k, top_p, min_p, max_tokens, seed)
+    ui.chat_note(f"model {session.base_path}" + (f" + adapter {session.adapter}" if session.adapter else "")
+                 + " — /help for commands, /quit to leave")
+    compare_next = False
+    while True:
+        try:
+            line = click.prompt("you", prompt_suffix="> ", default="", show_default=False)
+        except (EOFError, click.exceptions.Abort):
+            break
+        if not line.strip():
+            continue
+        try:
+            if line.lstrip().startswith("/"):
+                result = run_command(session, line)
+                if result.quit:
+                    break
+                compare_next = compare_next or result.compare_next
+                ui.chat_note(result.message)
+                continue
+            if compare_next:
+                compare_next = False
+                base, tuned = session.compare(line)
+                ui.show_compare(line, base, tuned)
+            else:
+                ui.stream_reply(session.reply(line), label="model")
+            ui.chat_footer(session.stats)
+        except UserError as exc:  # a bad command or value: say so, keep chatting
+            ui.chat_error(exc.one_line())
+
+
+@cli.command()
+@click.argument("model_or_run")
+@click.option("--prompt", default=None, help="The prompt.")
+@click.option("--prompts", "prompts_file", default=None, type=click.Path(dir_okay=False),
+              help="A file of prompts: one per line, or JSONL with prompt / messages rows.")
+@click.option("--compare", is_flag=True, help="Answer with the base model and the tuned model, side by side.")
+@click.option("--json", "as_json", is_flag=True, help="Print the answers as JSON.")
+@sampling_options
+def generate(model_or_run, prompt, prompts_file, compare, as_json, adapter, system, temp, top_k, top_p, min_p,
+             max_tokens, seed):
+    """Answer one prompt (or a file of prompts) with MODEL_OR_RUN, optionally base vs tuned."""
+    from mlx_gemma_tune import ui
+    from mlx_gemma_tune.generate import generate_answers, read_prompts
+
+    if (prompt is None) == (prompts_file is None):
+        raise click.UsageError("give exactly one of --prompt TEXT or --prompts FILE")
+    prompts = [prompt] if prompt is not None else read_prompts(prompts_file)
+    with ui.status("Loading the model"):
+        session = _open_session(model_or_run, adapter, system, temp, top_k, top_p, min_p, max_tokens, seed)
+    if compare and session.adapter is None:
+        raise UserError("--compare needs an adapter", hint="pass --adapter DIR or a run directory")
+    if not as_json and not compare and len(prompts) == 1:
+        ui.stream_reply(session.reply(prompts[0]))
+        ui.chat_footer(session.stats)
+        return
+    answers = generate_answers(session, prompts, compare)
+    if as_json:
+        ui.print_json([a.__dict__ for a in answers])
+        return
+    for a in answers:
+        if compare:
+            ui.show_compare(a.prompt, a.base, a.answer)
+        else:
+            ui.out.print(f"prompt: {a.prompt}\nanswer: {a.answer}", soft_wrap=True, markup=False)
+
+
 def main() -> None:
     cli(prog_name="mlx-gemma-tune")

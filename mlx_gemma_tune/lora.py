@@ -30,6 +30,7 @@ class LoraSettings:
     num_layers: int | None = None  # last N decoder layers; None = all
     experts: bool = False
     modules: list[str] = field(default_factory=list)  # resolved full paths (filled by apply)
+    base_model: str | None = None  # what it was trained on, to name it when it does not fit
 
     @property
     def scale(self) -> float:
@@ -61,6 +62,24 @@ def apply(model, config: dict, settings: LoraSettings) -> list[str]:
     model.update_modules(tree_unflatten(wrapped))
     settings.modules = list(paths)
     return list(paths)
+
+
+def detach(model) -> dict:
+    """Take every LoRA/DoRA layer out (the base modules go back in); returns them for attach()."""
+    from mlx.utils import tree_unflatten
+
+    wrappers = {p: m for p, m in model.named_modules() if "lora_a" in m and hasattr(m, "linear")}
+    if wrappers:
+        model.update_modules(tree_unflatten([(p, m.linear) for p, m in wrappers.items()]))
+    return wrappers
+
+
+def attach(model, wrappers: dict) -> None:
+    """Put back the layers detach() took out (no weights are copied)."""
+    from mlx.utils import tree_unflatten
+
+    if wrappers:
+        model.update_modules(tree_unflatten(list(wrappers.items())))
 
 
 def trainable_parameters(model) -> int:
@@ -134,21 +153,31 @@ def load(model, config: dict, adapter_dir: Path) -> LoraSettings:
         modules = dict(model.named_modules())
         settings.modules = [f"{p}.{k}" for p, i in _layer_index(model).items() if i >= first
                             for k in keys if f"{p}.{k}" in modules]
+    trained_on = f"it was trained on {settings.base_model}" if settings.base_model else \
+        "was it trained on another base model?"
     present = dict(model.named_modules())
     absent = [m for m in settings.modules if m not in present]
     if absent:
         raise InputError(f"adapter targets {len(absent)} modules this model does not have (e.g. '{absent[0]}')",
-                         where=str(adapter_dir), hint="was it trained on another base model?")
+                         where=str(adapter_dir), hint=trained_on)
     apply(model, config, settings)
     weights = mx.load(str(adapter_dir / ADAPTER_WEIGHTS))
+    params = dict(tree_flatten(model.trainable_parameters()))
+    for name, w in weights.items():
+        if name in params and params[name].shape != w.shape:
+            detach(model)
+            raise InputError(f"adapter tensor {name} has shape {tuple(w.shape)} but this model needs "
+                             f"{tuple(params[name].shape)}", where=str(adapter_dir), hint=trained_on)
     try:
         model.load_weights(list(weights.items()), strict=False)
     except ValueError as exc:
+        detach(model)
         raise InputError(f"adapter weights do not fit this model: {str(exc).splitlines()[0][:200]}",
-                         where=str(adapter_dir), hint="was it trained on another base model?") from None
+                         where=str(adapter_dir), hint=trained_on) from None
     expected = {k for k, _ in tree_flatten(model.trainable_parameters())}
     missing = expected - set(weights)
     if missing:
+        detach(model)
         raise InputError(f"adapter is missing {len(missing)} tensors (e.g. {sorted(missing)[0]})", where=str(adapter_dir))
     model.eval()
     return settings

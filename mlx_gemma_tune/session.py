@@ -96,12 +96,11 @@ def prepare_run(recipe_ref: str | None = None, *, model: str | None = None, data
     mx.random.seed(recipe.train.seed)  # adapter initialisation
     lo = recipe.lora
     settings = lora.LoraSettings(rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, method=lo.method,
-                                 targets=lo.targets, num_layers=lo.num_layers, experts=lo.experts)
+                                 targets=lo.targets, num_layers=lo.num_layers, experts=lo.experts,
+                                 base_model=recipe.model.path)
     lora.apply(model_obj, config, settings)
     if resume_from is not None:
-        import mlx.core as mx2
-
-        model_obj.load_weights(list(mx2.load(str(resume_from / lora.ADAPTER_WEIGHTS)).items()), strict=False)
+        model_obj.load_weights(list(mx.load(str(resume_from / lora.ADAPTER_WEIGHTS)).items()), strict=False)
     else:
         if run_dir.exists() and force:
             shutil.rmtree(run_dir) if run_dir.is_dir() else run_dir.unlink()

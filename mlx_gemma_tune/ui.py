@@ -163,6 +163,57 @@ def show_data_report(r) -> None:
     out.print(t)
 
 
+# ---- chat / generate ---------------------------------------------------------------------------
+
+
+def stream_reply(chunks, label: str = "") -> str:
+    """Show a reply as it streams: live Markdown on a terminal, plain text otherwise."""
+    import click
+
+    text = ""
+    if out.is_terminal:
+        from rich.live import Live
+        from rich.markdown import Markdown
+
+        with Live(Markdown(""), console=out, refresh_per_second=12, vertical_overflow="visible") as live:
+            for piece in chunks:
+                text += piece
+                live.update(Markdown(text))
+    else:
+        if label:
+            click.echo(f"{label}: ", nl=False)
+        for piece in chunks:
+            text += piece
+            click.echo(piece, nl=False)
+        click.echo()
+    return text
+
+
+def chat_footer(stats) -> None:
+    err.print(f"[dim]{stats.tokens_per_sec:.1f} tok/s · prompt {stats.prompt_tokens} tokens · "
+              f"{stats.generated_tokens} generated · peak {stats.peak_memory_gb:.2f} GB[/]", soft_wrap=True)
+
+
+def chat_note(message: str) -> None:
+    out.print(f"[cyan]{message}[/]", soft_wrap=True, markup=True, highlight=False)
+
+
+def chat_error(message: str) -> None:
+    err.print(f"[red]{message}[/]", soft_wrap=True)
+
+
+def show_compare(prompt: str, base: str, tuned: str) -> None:
+    """Base and tuned answers side by side (stacked when the output is not a terminal)."""
+    if out.is_terminal:
+        t = Table(title=prompt, show_lines=True, expand=True)
+        t.add_column("base")
+        t.add_column("tuned")
+        t.add_row(base, tuned)
+        out.print(t)
+    else:
+        out.print(f"prompt: {prompt}\nbase: {base}\ntuned: {tuned}", soft_wrap=True, markup=False)
+
+
 SPARK = "▁▂▃▄▅▆▇█"
 
 

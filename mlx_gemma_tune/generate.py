@@ -1,0 +1,315 @@
+"""Generation: sampling, streaming, and a ChatSession with adapter hot-swap and base-vs-tuned.
+
+Generation itself is mlx-lm's `stream_generate`; this module adds what testing an
+adapter needs: the model's own chat template with the conversation history, stopping
+at Gemma's end-of-turn markers (Gemma 3/3n and Gemma 4), switching the adapter off and
+on (or to another one) without reloading the base, and answering one prompt with both.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from mlx_gemma_tune.errors import InputError, UserError
+
+END_OF_TURN = ("<end_of_turn>", "<turn|>")  # Gemma 3 / 3n, Gemma 4
+
+
+@dataclass
+class Sampling:
+    temp: float = 1.0  # Gemma's recommended sampling: temperature 1.0, top-k 64, top-p 0.95
+    top_k: int = 64
+    top_p: float = 0.95
+    min_p: float = 0.0
+    max_tokens: int = 512
+    seed: int | None = None
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    tokens_per_sec: float = 0.0
+    peak_memory_gb: float = 0.0
+    finish_reason: str | None = None
+
+
+def resolve_target(model_or_run: str) -> tuple[str, Path | None]:
+    """(base model, adapter dir or None) for a model directory or a training run directory."""
+    from mlx_gemma_tune import lora
+
+    p = Path(model_or_run).expanduser()
+    if (p / "recipe.yaml").is_file() and (p / lora.ADAPTER_WEIGHTS).is_file():
+        from mlx_gemma_tune import convert, recipe
+
+        r = recipe.build(recipe.read_yaml(p / "recipe.yaml"), source=str(p / "recipe.yaml"))
+        return str(convert.ensure_base(r.model.path, r.model.quantize)), p
+    if (p / "recipe.yaml").is_file():
+        raise InputError("is a run directory without an adapter yet", where=str(p),
+                         hint="wait for its first checkpoint, or resume it with `mlx-gemma-tune train --resume`")
+    return str(p), None
+
+
+class ChatSession:
+    """A conversation with a model and (optionally) a LoRA adapter that can be switched off/on/swapped."""
+
+    def __init__(self, model, tokenizer, config: dict, *, system: str | None = None,
+                 sampling: Sampling | None = None, base_path: str = ""):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.system = system
+        self.sampling = sampling or Sampling()
+        self.base_path = base_path
+        self.history: list[dict] = []
+        self.adapter: Path | None = None
+        self._detached: dict | None = None  # adapter layers while the adapter is off
+        self.stats = Stats()
+        for marker in END_OF_TURN:  # stop at end of turn even if generation_config lacks it
+            if marker in tokenizer.vocab:
+                tokenizer.add_eos_token(marker)
+
+    @classmethod
+    def open(cls, model_or_run: str, adapter: str | None = None, **kwargs) -> "ChatSession":
+        from mlx_gemma_tune import models
+
+        base, run_adapter = resolve_target(model_or_run)
+        model, tokenizer, config = models.load(models.resolve_model_dir(base))
+        session = cls(model, tokenizer, config, base_path=base, **kwargs)
+        if adapter or run_adapter:
+            session.set_adapter(adapter or run_adapter)
+        return session
+
+    # ---- adapter ---------------------------------------------------------------------------
+    @property
+    def adapter_enabled(self) -> bool:
+        return self.adapter is not None and self._detached is None
+
+    def set_adapter(self, path) -> None:
+        """Load another adapter (the base stays loaded) or None for the plain base."""
+        from mlx_gemma_tune import lora
+
+        self.enable_adapter()
+        previous = lora.detach(self.model)  # back to the plain base
+        if path is None:
+            self.adapter = None
+            return
+        try:
+            lora.load(self.model, self.config, Path(path))
+        except BaseException:
+            lora.attach(self.model, previous)  # a bad adapter leaves the session as it was
+            raise
+        self.adapter = Path(path)
+
+    def disable_adapter(self) -> None:
+        from mlx_gemma_tune import lora
+
+        if self.adapter is None:
+            raise UserError("no adapter is loaded", hint="load one with /adapter PATH")
+        if self._detached is None:
+            self._detached = lora.detach(self.model)
+
+    def enable_adapter(self) -> None:
+        from mlx_gemma_tune import lora
+
+        if self._detached is not None:
+            lora.attach(self.model, self._detached)
+            self._detached = None
+
+    # ---- conversation ----------------------------------------------------------------------
+    def reset(self) -> None:
+        self.history = []
+
+    def messages_for(self, text: str) -> list[dict]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + self.history + [{"role": "user", "content": text}]
+
+    def _prompt_tokens(self, messages: list[dict]) -> list[int]:
+        from mlx_gemma_tune.data import hf_tokenizer
+
+        hf = hf_tokenizer(self.tokenizer)
+        text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(hf(text, add_special_tokens=False)["input_ids"])
+
+    def stream(self, messages: list[dict]) -> Iterator[str]:
+        """Stream the reply to `messages` (no history change)."""
+        import mlx.core as mx
+        from mlx_lm.generate import stream_generate
+        from mlx_lm.sample_utils import make_sampler
+
+        s = self.sampling
+        if s.seed is not None:
+            mx.random.seed(s.seed)
+        sampler = make_sampler(temp=s.temp, top_p=s.top_p if s.top_p < 1 else 0.0, min_p=s.min_p,
+                               top_k=max(s.top_k, 0))
+        self.stats = Stats()
+        for r in stream_generate(self.model, self.tokenizer, self._prompt_tokens(messages),
+                                 max_tokens=s.max_tokens, sampler=sampler):
+            self.stats = Stats(r.prompt_tokens, r.generation_tokens, r.generation_tps, r.peak_memory,
+                               r.finish_reason)
+            if r.finish_reason == "stop":  # the end-of-turn token itself is not shown
+                break
+            if r.text:
+                yield r.text
+
+    def reply(self, text: str) -> Iterator[str]:
+        """Stream the answer to a user message and add both to the history."""
+        parts = []
+        for piece in self.stream(self.messages_for(text)):
+            parts.append(piece)
+            yield piece
+        self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(parts).strip()}]
+
+    def compare(self, text: str) -> tuple[str, str]:
+        """(base answer, tuned answer) to the same prompt; the tuned one joins the history."""
+        if self.adapter is None:
+            raise UserError("/compare needs an adapter", hint="load one with /adapter PATH")
+        messages = self.messages_for(text)
+        self.disable_adapter()
+        try:
+            base = "".join(self.stream(messages)).strip()
+        finally:
+            self.enable_adapter()
+        tuned = "".join(self.reply(text)).strip()
+        return base, tuned
+
+    def transcript(self) -> dict:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return {"messages": system + self.history}
+
+    def save(self, path) -> Path:
+        """Append the conversation as one JSONL row in the chat format `train` reads."""
+        from mlx_gemma_tune import fsio
+
+        path = Path(path).expanduser()
+        if not self.history:
+            raise UserError("nothing to save yet")
+        old = path.read_text(encoding="utf-8") if path.is_file() else ""
+        if old and not old.endswith("\n"):
+            old += "\n"
+        fsio.atomic_write_text(path, old + json.dumps(self.transcript(), ensure_ascii=False) + "\n")
+        return path
+
+
+# ---- slash commands --------------------------------------------------------------------------
+
+HELP = """Commands:
+  /adapter PATH|off|on   load another adapter, or switch it off / on (the base stays loaded)
+  /compare               answer the next prompt with the base and the tuned model, side by side
+  /system TEXT           set the system prompt (empty: none)
+  /temp X  /topk N  /topp X  /max N   sampling settings
+  /reset                 forget the conversation
+  /save FILE             append the conversation to FILE as training data (JSONL)
+  /help                  this text
+  /quit                  leave"""
+
+
+@dataclass
+class CommandResult:
+    message: str = ""
+    quit: bool = False
+    compare_next: bool = False
+
+
+def run_command(session: ChatSession, line: str) -> CommandResult:
+    """Apply one /command to the session; unknown commands and bad values raise UserError."""
+    name, _, arg = line.strip().partition(" ")
+    arg = arg.strip()
+    name = name.lower()
+    s = session.sampling
+    if name in ("/quit", "/exit", "/q"):
+        return CommandResult(quit=True)
+    if name == "/help":
+        return CommandResult(HELP)
+    if name == "/reset":
+        session.reset()
+        return CommandResult("conversation cleared")
+    if name == "/compare":
+        return CommandResult("the next prompt will be answered by the base and the tuned model", compare_next=True)
+    if name == "/system":
+        session.system = arg or None
+        return CommandResult(f"system prompt {'set' if arg else 'cleared'}")
+    if name == "/save":
+        if not arg:
+            raise UserError("/save needs a file name", hint="/save chat.jsonl")
+        return CommandResult(f"saved to {session.save(arg)}")
+    if name == "/adapter":
+        if arg == "off":
+            session.disable_adapter()
+            return CommandResult("adapter off (base model)")
+        if arg == "on":
+            if session.adapter is None:
+                raise UserError("no adapter is loaded", hint="load one with /adapter PATH")
+            session.enable_adapter()
+            return CommandResult(f"adapter on ({session.adapter})")
+        if not arg:
+            state = f"{session.adapter} ({'on' if session.adapter_enabled else 'off'})" if session.adapter else "none"
+            return CommandResult(f"adapter: {state}")
+        session.set_adapter(arg)
+        return CommandResult(f"adapter loaded: {arg}")
+    setters = {"/temp": ("temp", float, 0.0), "/topk": ("top_k", int, 0), "/topp": ("top_p", float, 0.0),
+               "/max": ("max_tokens", int, 1)}
+    if name in setters:
+        attr, kind, lowest = setters[name]
+        try:
+            value = kind(arg)
+        except ValueError:
+            raise UserError(f"{name} needs a {'whole ' if kind is int else ''}number, got '{arg}'") from None
+        if value < lowest or (attr == "top_p" and value > 1):
+            raise UserError(f"{name} {arg} is out of range")
+        setattr(s, attr, value)
+        return CommandResult(f"{attr} = {value}")
+    raise UserError(f"unknown command '{name}'", hint="type /help for the list")
+
+
+# ---- one-shot generation ---------------------------------------------------------------------
+
+
+@dataclass
+class Answer:
+    prompt: str
+    answer: str | None = None  # tuned (or the only) answer
+    base: str | None = None  # with --compare
+    stats: dict = field(default_factory=dict)
+
+
+def read_prompts(path) -> list[str]:
+    """Prompts from a text file (one per line) or JSONL (prompt / messages / instruction rows)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise InputError("no such file", where=str(path))
+    prompts = []
+    for n, line in enumerate(p.read_text(encoding="utf-8-sig").split("\n"), 1):
+        if not line.strip():
+            continue
+        if p.suffix in (".jsonl", ".json") or line.lstrip().startswith("{"):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"is not valid JSON ({exc.msg})", where=f"{p}:{n}") from None
+            text = row.get("prompt") or row.get("instruction") if isinstance(row, dict) else None
+            if text is None and isinstance(row, dict) and isinstance(row.get("messages"), list):
+                users = [m.get("content") for m in row["messages"] if isinstance(m, dict) and m.get("role") == "user"]
+                text = users[0] if users else None
+            if not isinstance(text, str):
+                raise InputError("has no prompt (expected 'prompt', 'instruction' or a user message)", where=f"{p}:{n}")
+            prompts.append(text)
+        else:
+            prompts.append(line.strip())
+    if not prompts:
+        raise InputError("has no prompts", where=str(p))
+    return prompts
+
+
+def generate_answers(session: ChatSession, prompts: list[str], compare: bool = False) -> list[Answer]:
+    out = []
+    for prompt in prompts:
+        session.reset()
+        if compare:
+            base, tuned = session.compare(prompt)
+            out.append(Answer(prompt, tuned, base, asdict(session.stats)))
+        else:
+            text = "".join(session.reply(prompt)).strip()
+            out.append(Answer(prompt, text, None, asdict(session.stats)))
+    return out

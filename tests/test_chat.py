@@ -1,0 +1,159 @@
+"""`chat` and `generate`: streaming answers, adapter hot-swap, base vs tuned, transcripts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers import assert_one_line_error, run_cli
+
+PROMPTS = ["Capital of France?", "Two plus two?", "Colour of the sky?", "Opposite of hot?", "First letter?",
+           "Largest ocean?", "Frozen water?", "Baby cat?"]
+ANSWER = "Paris."
+
+
+@pytest.fixture(scope="module")
+def trained_run(hf_model, tmp_path_factory):
+    """trained_run(family) -> a run directory whose adapter answers 'Paris.' to everything."""
+    from mlx_gemma_tune import session, trainer
+
+    runs = {}
+
+    def get(family):
+        if family not in runs:
+            root = tmp_path_factory.mktemp(f"run-{family}")
+            data = root / "paris.jsonl"
+            data.write_text("".join(json.dumps({"prompt": p, "completion": ANSWER}) + "\n" for p in PROMPTS))
+            sets = ("train.lr=3e-3", "lora.rank=8", "lora.dropout=0.0", "train.iters=60", "train.batch_size=4",
+                    "data.valid_fraction=0", "train.warmup_ratio=0.05", "train.schedule=constant")
+            trainer.run(session.prepare_run(model=str(hf_model(family)), data=str(data), out=str(root / "run"),
+                                            sets=sets))
+            runs[family] = root / "run"
+        return runs[family]
+
+    return get
+
+
+GREEDY = ["--temp", "0", "--max-tokens", "24"]
+
+
+@pytest.mark.parametrize("family,marker", [("gemma3_text", "<end_of_turn>"), ("gemma4_edge", "<turn|>")])
+def test_generation_stops_at_end_of_turn(family, marker, trained_run):
+    from mlx_gemma_tune.generate import ChatSession, Sampling
+
+    s = ChatSession.open(str(trained_run(family)), sampling=Sampling(temp=0.0, max_tokens=24))
+    text = "".join(s.reply("Largest ocean?"))
+    assert text == ANSWER
+    assert s.stats.finish_reason == "stop" and s.stats.generated_tokens < 24
+    assert marker not in text
+
+
+def test_adapter_off_and_on_without_reloading(trained_run, monkeypatch):
+    from mlx_gemma_tune import models
+    from mlx_gemma_tune.generate import ChatSession, Sampling, run_command
+
+    loads = {"n": 0}
+    real_load = models.load
+
+    def counting_load(*a, **k):
+        loads["n"] += 1
+        return real_load(*a, **k)
+
+    monkeypatch.setattr(models, "load", counting_load)
+    s = ChatSession.open(str(trained_run("gemma3_text")), sampling=Sampling(temp=0.7, seed=3, max_tokens=12))
+    embed = s.model.model.embed_tokens.weight
+    tuned = "".join(s.stream(s.messages_for("Frozen water?")))
+    run_command(s, "/adapter off")
+    assert not s.adapter_enabled
+    base = "".join(s.stream(s.messages_for("Frozen water?")))
+    run_command(s, "/adapter on")
+    again = "".join(s.stream(s.messages_for("Frozen water?")))
+    assert tuned == ANSWER and base != tuned and again == tuned
+    assert loads["n"] == 1 and s.model.model.embed_tokens.weight is embed  # the base was never reloaded
+
+
+def test_chat_session_through_the_cli(trained_run, tmp_path):
+    transcript = tmp_path / "chat.jsonl"
+    keys = "\n".join(["Capital of France?", "Frozen water?", "/adapter off", "Baby cat?", "/adapter on",
+                      "/compare", "Largest ocean?", "/nonsense", "/temp hot", "/save " + str(transcript),
+                      "/quit"]) + "\n"
+    res = run_cli(["chat", trained_run("gemma3_text"), *GREEDY], input=keys)
+    assert res.exit_code == 0, res.output
+    out = res.stdout
+    assert out.count(f"model: {ANSWER}") == 2  # two tuned turns
+    assert "adapter off (base model)" in out and "adapter on" in out
+    assert f"tuned: {ANSWER}" in out and "base: " in out  # /compare shows both
+    assert "unknown command '/nonsense'" in res.stderr and "/help" in res.stderr  # and the chat went on
+    assert "/temp needs a number" in res.stderr
+    assert f"saved to {transcript}" in out
+    assert "tok/s" in res.stderr and "prompt" in res.stderr  # the footer
+
+    # The transcript is training data for `train`.
+    from mlx_gemma_tune import dataset_files
+
+    rows = dataset_files.read_rows(transcript)
+    assert len(rows) == 1 and rows[0].fmt == "chat"
+    msgs = rows[0].messages
+    assert [m["role"] for m in msgs] == ["user", "assistant"] * 4
+    assert msgs[0]["content"] == "Capital of France?" and msgs[1]["content"] == ANSWER
+    assert msgs[-2]["content"] == "Largest ocean?" and msgs[-1]["content"] == ANSWER
+
+
+def test_chat_help_and_system(trained_run):
+    res = run_cli(["chat", trained_run("gemma4_edge"), *GREEDY], input="/help\n/system Be brief.\n/reset\n/quit\n")
+    assert res.exit_code == 0, res.output
+    assert "/adapter PATH|off|on" in res.stdout and "system prompt set" in res.stdout
+    assert "conversation cleared" in res.stdout
+
+
+def test_generate_compare_json_and_prompts_file(trained_run, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Baby cat?\n\nFrozen water?\n")
+    res = run_cli(["generate", trained_run("gemma3_text"), "--prompts", prompts, "--compare", "--json", *GREEDY])
+    assert res.exit_code == 0, res.output
+    answers = json.loads(res.stdout)
+    assert [a["prompt"] for a in answers] == ["Baby cat?", "Frozen water?"]
+    assert all(a["answer"] == ANSWER and a["base"] != ANSWER for a in answers)
+    one = run_cli(["generate", trained_run("gemma3_text"), "--prompt", "Baby cat?", *GREEDY])
+    assert one.exit_code == 0 and one.stdout.strip() == ANSWER
+    side = run_cli(["generate", trained_run("gemma3_text"), "--prompt", "Baby cat?", "--compare", *GREEDY])
+    assert side.exit_code == 0 and f"tuned: {ANSWER}" in side.stdout
+
+
+def test_generate_with_seed_is_reproducible(trained_run):
+    args = ["generate", trained_run("gemma4_edge"), "--prompt", "Hello", "--temp", "1.0", "--seed", "7",
+            "--max-tokens", "12", "--adapter", trained_run("gemma4_edge")]
+    assert run_cli(args).stdout == run_cli(args).stdout
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+
+def test_missing_model(tmp_path):
+    assert_one_line_error(run_cli(["generate", tmp_path / "nope", "--prompt", "hi"]), "no such model directory")
+    assert_one_line_error(run_cli(["chat", tmp_path / "nope"], input="/quit\n"), "no such model directory")
+
+
+def test_adapter_from_another_base_names_it(trained_run, hf_model):
+    res = run_cli(["generate", hf_model("gemma4_dense"), "--adapter", trained_run("gemma4_edge"), "--prompt", "hi"])
+    assert_one_line_error(res, str(trained_run("gemma4_edge")), f"trained on {hf_model('gemma4_edge')}")
+    res = run_cli(["generate", hf_model("gemma3n"), "--adapter", trained_run("gemma3_text"), "--prompt", "hi"])
+    assert_one_line_error(res, f"trained on {hf_model('gemma3_text')}")
+
+
+def test_bad_adapter_swap_keeps_the_current_one(trained_run, hf_model, tmp_path):
+    keys = f"/adapter {trained_run('gemma4_edge')}\nBaby cat?\n/quit\n"
+    res = run_cli(["chat", trained_run("gemma3_text"), *GREEDY], input=keys)
+    assert res.exit_code == 0
+    assert "trained on" in res.stderr and f"model: {ANSWER}" in res.stdout  # still the old adapter
+
+
+def test_prompts_file_problems(trained_run, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    assert_one_line_error(run_cli(["generate", trained_run("gemma3_text"), "--prompts", empty]), "has no prompts")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a"}\n{oops\n')
+    assert_one_line_error(run_cli(["generate", trained_run("gemma3_text"), "--prompts", bad]), "bad.jsonl:2")
+    assert_one_line_error(run_cli(["generate", trained_run("gemma3_text")]), "exactly one of --prompt", code=2)
