@@ -371,5 +371,63 @@ def generate(model_or_run, prompt, prompts_file, compare, as_json, adapter, syst
             ui.out.print(f"prompt: {a.prompt}\nanswer: {a.answer}", soft_wrap=True, markup=False)
 
 
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="Where to write the fused MLX model.")
+@click.option("--dequantize", "mode", flag_value="dequantize", default=True,
+              help="Write the full-precision merge (the default; a quantized base is dequantized).")
+@click.option("--requantize", "mode", type=click.Choice(["4", "8"]),
+              help="Re-quantize the merge to 4 or 8 bits and report how far it moved from the full-precision merge.")
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True)
+@click.option("--base", default=None, type=click.Path(file_okay=False),
+              help="The original Hugging Face checkpoint, if it moved since convert.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the new model is complete).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def fuse(run_dir, out, mode, group_size, base, force, as_json):
+    """Merge a run's adapter into its base model, in full precision, as an MLX model."""
+    from mlx_gemma_tune import ui
+    from mlx_gemma_tune.export import fuse as run
+
+    requantize = int(mode) if mode in ("4", "8") else None
+    with ui.status("Fusing") as progress:
+        result = run(run_dir, out, requantize=requantize, group_size=int(group_size), force=force, base=base,
+                     progress=progress)
+    if as_json:
+        ui.print_json(result.to_dict())
+    else:
+        ui.show_fuse(result)
+
+
+@cli.command()
+@click.argument("run_or_fused", type=click.Path(file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["hf", "peft"]), required=True,
+              help="hf: a transformers checkpoint of the original class; peft: a PEFT LoRA/DoRA adapter.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False))
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None,
+              help="hf: dtype of the exported weights (default: the source checkpoint's).")
+@click.option("--verify", is_flag=True, help="hf: load the export with transformers and compare logits with MLX.")
+@click.option("--base", default=None, type=click.Path(file_okay=False),
+              help="The original Hugging Face checkpoint, if it moved since convert.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def export(run_or_fused, fmt, out, dtype, verify, base, force, as_json):
+    """Export a run (or a fused model) back to Hugging Face: a checkpoint or a PEFT adapter."""
+    from mlx_gemma_tune import ui
+    from mlx_gemma_tune import export as ex
+
+    with ui.status("Exporting") as progress:
+        if fmt == "hf":
+            result = ex.export_hf(run_or_fused, out, dtype=dtype, base=base, verify=verify, force=force,
+                                  progress=progress)
+        else:
+            if dtype or verify:
+                raise click.UsageError("--dtype and --verify apply to --format hf")
+            result = ex.export_peft(run_or_fused, out, base=base, force=force)
+    if as_json:
+        ui.print_json(result.to_dict())
+    else:
+        ui.show_export(result)
+
+
 def main() -> None:
     cli(prog_name="mlx-gemma-tune")

@@ -214,6 +214,28 @@ def show_compare(prompt: str, base: str, tuned: str) -> None:
         out.print(f"prompt: {prompt}\nbase: {base}\ntuned: {tuned}", soft_wrap=True, markup=False)
 
 
+def show_fuse(r) -> None:
+    out.print(f"Fused {r.fused_layers} adapted layers of {r.adapter} -> {r.output} ({human_bytes(r.size_bytes)}, "
+              f"{r.seconds:.1f} s)", soft_wrap=True)
+    if r.quantized_base and not r.requantized_bits:
+        out.print("The base was quantized: the merge was done in full precision and written dequantized.")
+    if r.deviation:
+        d = r.deviation
+        out.print(f"Re-quantized to {r.requantized_bits}-bit: adapted weights moved by up to {d['max_abs']:.3g} "
+                  f"(relative RMS {d['relative_rms']:.2%}) from the full-precision merge.", soft_wrap=True)
+
+
+def show_export(r) -> None:
+    what = "Hugging Face checkpoint" if r.format == "hf" else "PEFT adapter"
+    out.print(f"Exported a {what} -> {r.output} ({r.tensors} tensors, {human_bytes(r.size_bytes)}, {r.seconds:.1f} s)",
+              soft_wrap=True)
+    if r.restored:
+        out.print("Restored from " + r.source + ": " + ", ".join(f"{k} ({n})" for k, n in sorted(r.restored.items())),
+                  soft_wrap=True)
+    if r.verified_max_diff is not None:
+        out.print(f"Verified with transformers: max |logit difference| {r.verified_max_diff:.2e}")
+
+
 SPARK = "▁▂▃▄▅▆▇█"
 
 

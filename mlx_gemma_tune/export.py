@@ -1,0 +1,444 @@
+"""Fuse adapters and go back to Hugging Face: a merged MLX model, a transformers checkpoint, a PEFT adapter.
+
+The way back is declarative: per original model_type, a table of key prefixes maps MLX
+names to Hugging Face names (one function each way, tested as a round trip), MoE experts
+are fused back into transformers' 3-D parameters, and everything mlx-lm dropped (vision
+and audio towers, ...) is restored from the source checkpoint, byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from mlx_gemma_tune import checkpoint, families, fsio
+from mlx_gemma_tune.errors import InputError, UserError
+
+Progress = Callable[[str], None]
+
+# (MLX prefix, Hugging Face prefix) per original model_type; unlisted names are identical.
+KEY_PREFIXES: dict[str, list[tuple[str, str]]] = {
+    "gemma3_text": [],
+    "gemma4_text": [],
+    "gemma3n": [],
+    "gemma3n_text": [("model.language_model.", "model.")],
+    "gemma4": [("language_model.model.", "model.language_model.")],
+}
+MOE_MLX = (".switch_glu.gate_proj.weight", ".switch_glu.up_proj.weight", ".switch_glu.down_proj.weight")
+# Files of a source checkpoint that an export does not copy (weights are rewritten; no code).
+NOT_COPIED = ("config.json", "model.safetensors.index.json", "provenance.json")
+NOT_COPIED_SUFFIXES = (".safetensors", ".py", ".bin", ".pt", ".pth", ".gguf", ".pkl", ".ckpt", ".msgpack", ".h5")
+
+
+def _prefixes(model_type: str):
+    if model_type not in KEY_PREFIXES:
+        raise UserError(f"export to Hugging Face is not supported for model_type '{model_type}'",
+                        hint="supported: " + ", ".join(KEY_PREFIXES))
+    return KEY_PREFIXES[model_type]
+
+
+def to_hf_key(model_type: str, key: str) -> str:
+    for mlx, hf in _prefixes(model_type):
+        if key.startswith(mlx):
+            return hf + key[len(mlx):]
+    return key
+
+
+def to_mlx_key(model_type: str, key: str) -> str:
+    for mlx, hf in _prefixes(model_type):
+        if key.startswith(hf) and not key.startswith(mlx):
+            return mlx + key[len(hf):]
+    return key
+
+
+def to_hf_tensors(model_type: str, weights: dict) -> dict:
+    """MLX text-model tensors -> Hugging Face names, MoE experts fused back to 3-D parameters."""
+    import mlx.core as mx
+
+    out = {}
+    for key, value in weights.items():
+        if key.endswith(MOE_MLX[1]) or key.endswith(MOE_MLX[2]):
+            continue
+        if key.endswith(MOE_MLX[0]):  # gate (E, I, H) + up (E, I, H) -> gate_up_proj (E, 2I, H), gate first
+            base = key[: -len(MOE_MLX[0])]
+            out[to_hf_key(model_type, base + ".gate_up_proj")] = mx.concatenate(
+                [value, weights[base + MOE_MLX[1]]], axis=1)
+            out[to_hf_key(model_type, base + ".down_proj")] = weights[base + MOE_MLX[2]]
+            continue
+        out[to_hf_key(model_type, key)] = value
+    return out
+
+
+def to_mlx_tensors(model_type: str, weights: dict) -> dict:
+    """The inverse of to_hf_tensors (for the text model; what mlx-lm's sanitize does for these keys)."""
+    import mlx.core as mx
+
+    out = {}
+    for key, value in weights.items():
+        if key.endswith(".experts.gate_up_proj"):
+            base = to_mlx_key(model_type, key[: -len(".gate_up_proj")])
+            gate, up = mx.split(value, 2, axis=1)
+            out[base + MOE_MLX[0]], out[base + MOE_MLX[1]] = gate, up
+        elif key.endswith(".experts.down_proj"):
+            out[to_mlx_key(model_type, key[: -len(".down_proj")]) + MOE_MLX[2]] = value
+        else:
+            out[to_mlx_key(model_type, key)] = value
+    return out
+
+
+# ---- loading a run or a fused model, merged ------------------------------------------------
+
+
+@dataclass
+class Merged:
+    model: object
+    tokenizer: object
+    config: dict  # MLX config (no quantization keys)
+    source: Path  # the original Hugging Face checkpoint
+    model_type: str  # the source's model_type
+    adapter: Path | None
+    fused_layers: int
+    base: Path
+
+
+def _source_of(model_dir: Path, base_override: str | None) -> Path:
+    """The original Hugging Face checkpoint behind an MLX model directory."""
+    if base_override:
+        p = Path(base_override).expanduser()
+        if not (p / "config.json").is_file():
+            raise InputError("is not a Hugging Face model directory (no config.json)", where=str(p))
+        return p
+    prov = model_dir / "provenance.json"
+    if prov.is_file():
+        recorded = Path(json.loads(prov.read_text())["source"]["path"])
+        if not (recorded / "config.json").is_file():
+            raise InputError(f"the source checkpoint recorded at convert time is missing: {recorded}",
+                             where=str(prov), hint="if it moved, pass its new location with --base PATH")
+        return recorded
+    return model_dir  # a Hugging Face directory used directly as the base
+
+
+def fuse_in_place(model) -> int:
+    """Replace every LoRA/DoRA layer by its full-precision merge; returns how many."""
+    from mlx.utils import tree_unflatten
+
+    fused = [(p, m.fuse(dequantize=True)) for p, m in model.named_modules() if "lora_a" in m and hasattr(m, "fuse")]
+    if fused:
+        model.update_modules(tree_unflatten(fused))
+    return len(fused)
+
+
+def load_merged(run_or_model: str, base: str | None = None, progress: Progress | None = None) -> Merged:
+    """A run's base + adapter merged in full precision, or an already fused model, dequantized."""
+    from mlx_lm.utils import dequantize_model
+
+    from mlx_gemma_tune import generate, lora, models
+
+    say = progress or (lambda _m: None)
+    base_dir, adapter = generate.resolve_target(run_or_model)
+    base_dir = models.resolve_model_dir(base_dir)
+    if adapter is None and not (base_dir / "provenance.json").is_file() and (base_dir / "recipe.yaml").is_file():
+        raise InputError("has no adapter yet", where=str(run_or_model))
+    source = _source_of(base_dir, base)
+    source_config = checkpoint.read_config(source)
+    say("Loading the model")
+    model, tokenizer, config = models.load(base_dir)
+    n = 0
+    if adapter is not None:
+        lora.load(model, config, adapter)
+        say("Merging the adapter in full precision")
+        n = fuse_in_place(model)
+    model = dequantize_model(model)
+    config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    return Merged(model, tokenizer, config, source, source_config["model_type"], adapter, n, base_dir)
+
+
+# ---- fuse -----------------------------------------------------------------------------------
+
+
+@dataclass
+class FuseResult:
+    output: str
+    adapter: str | None
+    fused_layers: int
+    quantized_base: bool
+    requantized_bits: int | None
+    deviation: dict | None  # requantization error against the full-precision merge
+    size_bytes: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def fuse(run_dir: str, out: str, *, requantize: int | None = None, group_size: int = 64, force: bool = False,
+         base: str | None = None, progress: Progress | None = None) -> FuseResult:
+    """Merge a run's adapter into its base in full precision and write an MLX model directory."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import quantize_model, save_config, save_model
+
+    started = time.monotonic()
+    out_p = Path(out).expanduser()
+    fsio.check_output_dir(out_p, force=force, inputs=(Path(run_dir),))
+    if requantize not in (None, 4, 8):
+        raise UserError(f"--requantize must be 4 or 8, not {requantize}")
+    merged = load_merged(run_dir, base, progress)
+    if merged.adapter is None:
+        raise InputError("is not a run directory with an adapter", where=str(run_dir),
+                         hint="fuse takes the directory `mlx-gemma-tune train` wrote")
+    base_config = checkpoint.read_config(merged.base)
+    quantized_base = "quantization" in base_config
+    deviation = None
+    config = merged.config
+    if requantize:
+        import contextlib
+        import io
+
+        full = dict(tree_flatten(merged.model.parameters()))
+        adapted = {p for p in lora_module_paths(merged.adapter)}
+        with contextlib.redirect_stdout(io.StringIO()):
+            model, config = quantize_model(merged.model, config, group_size, requantize,
+                                           quant_predicate=getattr(merged.model, "quant_predicate", None))
+        deviation = _requant_deviation(model, full, adapted)
+        merged.model = model
+    with fsio.staged_dir(out_p) as tmp:
+        save_model(tmp, merged.model, donate_model=True)
+        save_config(dict(config), config_path=tmp / "config.json")
+        merged.tokenizer.save_pretrained(str(tmp))
+        if (merged.base / "generation_config.json").is_file():
+            shutil.copyfile(merged.base / "generation_config.json", tmp / "generation_config.json")
+        prov = json.loads((merged.base / "provenance.json").read_text()) if (merged.base / "provenance.json").is_file() \
+            else {"source": {"path": str(merged.source.resolve())}, "original_config": checkpoint.read_config(merged.source)}
+        prov["fused"] = {"adapter": str(merged.adapter), "base": str(merged.base), "layers": merged.fused_layers,
+                         "requantized_bits": requantize, "deviation": deviation}
+        fsio.atomic_write_json(tmp / "provenance.json", prov)
+    mx.clear_cache()
+    return FuseResult(str(out_p), str(merged.adapter), merged.fused_layers, quantized_base, requantize, deviation,
+                      fsio.dir_size(out_p), round(time.monotonic() - started, 2))
+
+
+def lora_module_paths(adapter_dir: Path) -> list[str]:
+    cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    return list((cfg.get("mlx_gemma_tune") or {}).get("modules") or [])
+
+
+def _requant_deviation(model, full: dict, adapted: set[str]) -> dict:
+    """How far re-quantized merged weights are from the full-precision merge (adapted layers)."""
+    import mlx.core as mx
+
+    worst, total_err, total_norm = 0.0, 0.0, 0.0
+    modules = dict(model.named_modules())
+    for path in adapted:
+        m = modules.get(path)
+        if m is None or not hasattr(m, "scales"):
+            continue
+        w = mx.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits, m.mode)
+        ref = full[path + ".weight"]
+        err = (w.astype(mx.float32) - ref.astype(mx.float32))
+        worst = max(worst, float(mx.abs(err).max()))
+        total_err += float(mx.sum(err * err))
+        total_norm += float(mx.sum(ref.astype(mx.float32) ** 2))
+    rel = (total_err / total_norm) ** 0.5 if total_norm else 0.0
+    return {"max_abs": worst, "relative_rms": rel}
+
+
+# ---- Hugging Face checkpoint ----------------------------------------------------------------
+
+
+@dataclass
+class ExportResult:
+    output: str
+    format: str
+    source: str
+    tensors: int = 0
+    restored: dict = field(default_factory=dict)  # component -> tensors copied from the source
+    dtype: str | None = None
+    verified_max_diff: float | None = None
+    size_bytes: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def export_hf(run_or_fused: str, out: str, *, dtype: str | None = None, base: str | None = None,
+              verify: bool = False, force: bool = False, max_shard_gb: int = 5,
+              progress: Progress | None = None) -> ExportResult:
+    """A checkpoint transformers loads as the original class, with the towers and config restored."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import make_shards
+
+    started = time.monotonic()
+    say = progress or (lambda _m: None)
+    out_p = Path(out).expanduser()
+    fsio.check_output_dir(out_p, force=force, inputs=(Path(run_or_fused),))
+    merged = load_merged(run_or_fused, base, progress)
+    source_config = checkpoint.read_config(merged.source)
+    _prefixes(merged.model_type)
+    target = dtype or _config_dtype(source_config) or "float32"
+    say("Mapping weights to Hugging Face names")
+    ours = to_hf_tensors(merged.model_type, dict(tree_flatten(merged.model.parameters())))
+    source_keys: dict[str, Path] = {}
+    for f in checkpoint.weight_files(merged.source):
+        for name in checkpoint.inspect_weights(f, hash_it=False).tensors:
+            source_keys[name] = f
+    extra = sorted(set(ours) - set(source_keys))
+    if extra:  # a mapping bug, never silently written
+        raise UserError(f"internal: {len(extra)} exported tensors have no counterpart in the source checkpoint "
+                        f"(e.g. {extra[0]}); please report this")
+    restored: dict[str, int] = {}
+    weights = {k: v.astype(getattr(mx, target)) for k, v in ours.items()}
+    by_file: dict[Path, list[str]] = {}
+    for name, f in source_keys.items():
+        if name not in weights:
+            by_file.setdefault(f, []).append(name)
+    for f, names in by_file.items():
+        loaded = mx.load(str(f))
+        for name in names:
+            v = loaded[name]
+            weights[name] = v.astype(getattr(mx, target)) if mx.issubdtype(v.dtype, mx.floating) else v
+            comp = families.tower_component(name) or name.split(".")[-2]
+            restored[comp] = restored.get(comp, 0) + 1
+    say("Writing the Hugging Face checkpoint")
+    with fsio.staged_dir(out_p) as tmp:
+        shards = make_shards(dict(sorted(weights.items())), max_shard_gb)
+        index = {"metadata": {"total_size": sum(v.nbytes for v in weights.values())}, "weight_map": {}}
+        for i, shard in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            mx.save_safetensors(str(tmp / name), shard, metadata={"format": "pt"})
+            index["weight_map"].update({k: name for k in shard})
+        fsio.atomic_write_json(tmp / "model.safetensors.index.json", index)
+        config = {k: v for k, v in source_config.items() if k not in ("quantization", "quantization_config")}
+        _set_dtype(config, target)
+        fsio.atomic_write_json(tmp / "config.json", config)
+        for f in sorted(merged.source.iterdir()):
+            if f.is_file() and f.name not in NOT_COPIED and not f.name.endswith(NOT_COPIED_SUFFIXES):
+                shutil.copyfile(f, tmp / f.name)
+    result = ExportResult(str(out_p), "hf", str(merged.source), len(weights), restored, target,
+                          size_bytes=fsio.dir_size(out_p))
+    if verify:
+        say("Verifying with transformers")
+        result.verified_max_diff = verify_hf(out_p, merged.model)
+    result.seconds = round(time.monotonic() - started, 2)
+    return result
+
+
+def _config_dtype(config: dict) -> str | None:
+    for cfg in (config, families.text_config(config)):
+        for key in ("dtype", "torch_dtype"):
+            if cfg.get(key) in ("float32", "bfloat16", "float16"):
+                return cfg[key]
+    return None
+
+
+def _set_dtype(config: dict, dtype: str) -> None:
+    for cfg in [config] + [v for v in config.values() if isinstance(v, dict)]:
+        for key in ("dtype", "torch_dtype"):
+            if key in cfg:
+                cfg[key] = dtype
+    config.setdefault("dtype", dtype)
+
+
+VERIFY_TOKENS = [2, 40, 41, 60, 71, 80, 99, 120, 150, 200, 255, 300]
+
+
+def hf_class_for(config: dict):
+    """The transformers class to load an export with (Gemma 3n: the text model; its vision tower needs timm)."""
+    import transformers
+
+    arch = (config.get("architectures") or ["AutoModelForCausalLM"])[0]
+    if arch == "Gemma3nForConditionalGeneration":
+        arch = "Gemma3nForCausalLM"
+    return getattr(transformers, arch, transformers.AutoModelForCausalLM)
+
+
+def verify_hf(path: Path, mlx_model, tokens: list[int] = VERIFY_TOKENS) -> float:
+    """Max |logit difference| between transformers on the export and the MLX model (last position)."""
+    try:
+        import torch
+    except ImportError:
+        raise UserError("--verify needs torch and transformers", hint="pip install torch") from None
+    import mlx.core as mx
+    import numpy as np
+
+    from transformers.utils import logging as hf_logging
+
+    config = json.loads((Path(path) / "config.json").read_text())
+    vocab = families.text_config(config).get("vocab_size") or config.get("vocab_size") or 1000
+    tokens = [t % vocab for t in tokens]
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        hf, info = hf_class_for(config).from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(level)
+    if info.get("missing_keys"):
+        raise UserError(f"transformers found {len(info['missing_keys'])} weights missing from the export "
+                        f"(e.g. {sorted(info['missing_keys'])[0]}); please report this", where=str(path))
+    hf.eval()
+    with torch.no_grad():
+        ref = hf(torch.tensor([tokens])).logits[0].float().numpy()
+    got = np.array(mlx_model(mx.array([tokens]))[0].astype(mx.float32))
+    return float(np.abs(ref - got).max())
+
+
+# ---- PEFT adapter ----------------------------------------------------------------------------
+
+
+def export_peft(run_dir: str, out: str, *, base: str | None = None, force: bool = False) -> ExportResult:
+    """adapter_model.safetensors + adapter_config.json that peft.PeftModel loads on the original model."""
+    import mlx.core as mx
+
+    from mlx_gemma_tune import generate, lora, models
+
+    started = time.monotonic()
+    out_p = Path(out).expanduser()
+    fsio.check_output_dir(out_p, force=force, inputs=(Path(run_dir),))
+    base_dir, adapter = generate.resolve_target(run_dir)
+    if adapter is None:
+        raise InputError("is not a run directory with an adapter", where=str(run_dir),
+                         hint="PEFT export takes the directory `mlx-gemma-tune train` wrote")
+    base_dir = models.resolve_model_dir(base_dir)
+    source = _source_of(base_dir, base)
+    source_config = checkpoint.read_config(source)
+    model_type = source_config["model_type"]
+    _prefixes(model_type)
+    cfg = json.loads((adapter / lora.ADAPTER_CONFIG).read_text())
+    settings = lora.LoraSettings(**{k: v for k, v in (cfg.get("mlx_gemma_tune") or {}).items()
+                                    if k in lora.LoraSettings.__dataclass_fields__})
+    if not settings.modules:
+        raise InputError("was not written by mlx-gemma-tune (no module list)", where=str(adapter / lora.ADAPTER_CONFIG))
+    if settings.experts or any(".experts." in m for m in settings.modules):
+        raise UserError("adapters on MoE experts have no PEFT equivalent (transformers keeps the experts as fused "
+                        "3-D parameters)", where=str(run_dir), hint="use --format hf for a merged checkpoint")
+    weights = mx.load(str(adapter / lora.ADAPTER_WEIGHTS))
+    tensors, targets = {}, []
+    for path in settings.modules:
+        hf_path = to_hf_key(model_type, path + ".weight")[: -len(".weight")]
+        targets.append(hf_path)
+        key = f"base_model.model.{hf_path}"
+        tensors[f"{key}.lora_A.weight"] = weights[f"{path}.lora_a"].T
+        tensors[f"{key}.lora_B.weight"] = weights[f"{path}.lora_b"].T
+        if settings.method == "dora":
+            tensors[f"{key}.lora_magnitude_vector"] = weights[f"{path}.m"]
+    prov = (json.loads((base_dir / "provenance.json").read_text())["source"]
+            if (base_dir / "provenance.json").is_file() else {})
+    peft_config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": settings.rank, "lora_alpha": settings.scale * settings.rank,
+        "lora_dropout": settings.dropout, "target_modules": sorted(targets), "use_dora": settings.method == "dora",
+        "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
+        "base_model_name_or_path": prov.get("repo_id") or str(source), "modules_to_save": None,
+    }
+    with fsio.staged_dir(out_p) as tmp:
+        mx.save_safetensors(str(tmp / "adapter_model.safetensors"),
+                            {k: mx.contiguous(v) for k, v in tensors.items()}, metadata={"format": "pt"})
+        fsio.atomic_write_json(tmp / "adapter_config.json", peft_config)
+    return ExportResult(str(out_p), "peft", str(source), len(tensors), size_bytes=fsio.dir_size(out_p),
+                        seconds=round(time.monotonic() - started, 2))
