@@ -43,8 +43,24 @@ class Row:
     text: str | None = None  # for fmt == "text"
 
 
+EXAMPLES_DIR = Path(__file__).parent / "examples"
+
+
+def resolve_path(path: str | Path) -> str | Path:
+    """`example:NAME[/split.jsonl]` names a dataset shipped in examples/; anything else is unchanged."""
+    text = str(path)
+    if not text.startswith("example:"):
+        return path
+    target = EXAMPLES_DIR / text[len("example:"):]
+    if not target.exists():
+        names = sorted(d.name for d in EXAMPLES_DIR.iterdir() if d.is_dir() and not d.name.startswith("_"))
+        raise InputError("is not a shipped example dataset", where=text, hint="examples: " + ", ".join(names))
+    return target
+
+
 def read_rows(path: str | Path) -> list[Row]:
     """The normalised rows of one dataset (file, save_to_disk folder or Hub id)."""
+    path = resolve_path(path)
     p = Path(path).expanduser()
     if p.is_dir():
         if not _is_saved(p):
@@ -70,6 +86,7 @@ def read_rows(path: str | Path) -> list[Row]:
 
 def read_splits(path: str | Path) -> dict[str, list[Row]]:
     """{"train": rows, "valid": rows, "test": rows} (those present; train is required)."""
+    path = resolve_path(path)
     p = Path(path).expanduser()
     sources = _split_sources(p) if p.is_dir() and not _is_saved(p) else []
     if not sources:  # a file, a saved Dataset or a Hub id is the train split

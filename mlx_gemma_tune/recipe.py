@@ -36,7 +36,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     path: str = _f(REQUIRED, "Dataset: a JSONL/JSON/CSV/Parquet file, a folder with train/valid/test files, a "
-                   "save_to_disk folder, or a hub dataset id (online).")
+                   "save_to_disk folder, a hub dataset id (online), or example:NAME for a shipped example.")
     valid_fraction: float = _f(0.1, "Share of the training rows held out (seeded) when there is no validation split.")
     max_seq_length: int = _f(2048, "Longest row in tokens; longer rows are handled as `overlong` says.")
     overlong: str = _f("truncate", "What to do with rows over max_seq_length.", ("truncate", "drop", "error"))
@@ -107,11 +107,11 @@ def _default(f):
 
 
 def list_recipes() -> list[tuple[str, str]]:
-    """(name, first line of its header comment) for every shipped recipe."""
+    """(name, first line of its header comment) for every shipped recipe, e.g. "tasks/extraction"."""
     out = []
-    for p in sorted(RECIPES_DIR.glob("*.yaml")):
+    for p in sorted(RECIPES_DIR.rglob("*.yaml")):
         first = next((line.lstrip("# ").strip() for line in p.read_text().splitlines() if line.startswith("#")), "")
-        out.append((p.stem, first))
+        out.append((p.relative_to(RECIPES_DIR).with_suffix("").as_posix(), first))
     return out
 
 

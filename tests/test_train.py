@@ -316,11 +316,19 @@ def test_recipes_list_show_copy(tmp_path):
     assert res.exit_code == 0
     names = [line.split()[0] for line in res.stdout.splitlines()]
     assert {"gemma4-e2b-lora", "gemma4-e2b-qlora", "gemma3n-e2b-lora", "gemma4-26b-a4b-qlora"} <= set(names)
-    for name in names:  # every shipped recipe is valid once given a dataset
-        r = recipe.build(recipe.read_yaml(recipe.find_recipe(name)), {"data.path": "x.jsonl"}, name)
-        assert r.model.path.startswith("google/")
+    assert {f"tasks/{t}" for t in ("extraction", "text-to-sql", "movie-reviews", "support", "dolly")} <= set(names)
+    files = sorted(recipe.RECIPES_DIR.rglob("*.yaml"))
+    assert len(files) == len(names) >= 16
+    from mlx_gemma_tune import dataset_files
+
+    for name in names:  # every shipped recipe file (recursively) is valid; tasks name their dataset
+        raw = recipe.read_yaml(recipe.find_recipe(name))
+        r = recipe.build(raw, {} if name.startswith("tasks/") else {"data.path": "x.jsonl"}, name)
+        assert r.model.path.startswith("google/") and r.lora.alpha == 2 * r.lora.rank
+        if name.startswith("tasks/"):
+            assert dataset_files.read_splits(r.data.path).keys() == {"train", "valid", "test"}
         text = recipe.find_recipe(name).read_text()
-        assert text.startswith("# ") and f"mlx-gemma-tune train {name}" in text
+        assert text.startswith("# ") and f"mlx-gemma-tune train {name}" in text and "# Memory: about" in text
     shown = run_cli(["recipes", "show", "gemma4-e2b-qlora"])
     assert shown.exit_code == 0 and "quantize: 4" in shown.stdout
     dest = tmp_path / "mine.yaml"
