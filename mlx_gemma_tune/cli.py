@@ -114,28 +114,45 @@ def doctor(as_json):
 @cli.command("eval")
 @click.argument("model")
 @click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False),
-              help="Chat JSONL: {\"messages\": [...]} or {\"prompt\", \"completion\"} per line.")
-@click.option("--metric", type=click.Choice(["loss"]), multiple=True, default=("loss",), show_default=True,
-              help="What to compute. loss: mean cross-entropy over the assistant tokens, and perplexity.")
+              help="A dataset file (JSONL/JSON/CSV/Parquet); the last assistant turn of each row is the reference.")
+@click.option("--metric", "metric", multiple=True,
+              type=click.Choice(["loss", "exact", "f1", "rougeL", "json", "classification"]),
+              help="Repeatable. loss (default): cross-entropy on the assistant tokens; exact, f1, rougeL, json, "
+                   "classification: on generated answers.")
 @click.option("--adapter", type=click.Path(file_okay=False), default=None, help="LoRA/DoRA adapter directory.")
+@click.option("--compare", is_flag=True, help="Score the base model and the tuned model on the same rows.")
+@click.option("--judge", "judge_model", default=None, type=click.Path(file_okay=False),
+              help="A local MLX model that scores each answer 1-10 on a fixed rubric (LLM-as-a-judge).")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--max-seq-length", type=click.IntRange(min=2), default=2048, show_default=True,
-              help="Longer rows are truncated (and counted).")
+              help="Loss: longer rows are truncated (and counted).")
+@click.option("--output", default=None, type=click.Path(dir_okay=False),
+              help="Write per-row JSONL (prompt, reference, answers, scores).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def eval_(model, data_path, metric, adapter, batch_size, max_seq_length, as_json):
-    """Evaluate MODEL (an MLX or Hugging Face model directory) on a dataset.
+def eval_(model, data_path, metric, adapter, compare, judge_model, max_tokens, batch_size, max_seq_length, output,
+          as_json):
+    """Evaluate MODEL (a model or run directory) on a dataset: loss, task metrics, base vs tuned, a judge.
 
-    The loss is computed on the assistant turns only, exactly as training masks them,
-    with the training forward pass.
+    The loss is computed on the assistant turns only, exactly as training masks them. Answers
+    are generated greedily, in batches.
     """
     from mlx_gemma_tune import ui
-    from mlx_gemma_tune.evaluate import evaluate_loss
+    from mlx_gemma_tune.evaluate import evaluate, evaluate_loss
 
+    metrics = tuple(metric) or (("exact", "f1", "rougeL") if compare or judge_model else ("loss",))
     with ui.progress_bar("Evaluating") as progress:
-        result = evaluate_loss(model, data_path, adapter=adapter, batch_size=batch_size,
-                               max_seq_length=max_seq_length, progress=progress)
+        if metrics == ("loss",) and not compare and not judge_model:
+            result = evaluate_loss(model, data_path, adapter=adapter, batch_size=batch_size,
+                                   max_seq_length=max_seq_length, progress=progress)
+        else:
+            result = evaluate(model, data_path, metrics=metrics, adapter=adapter, compare=compare,
+                              judge_model=judge_model, max_tokens=max_tokens, batch_size=batch_size,
+                              max_seq_length=max_seq_length, output=output, progress=progress)
     if as_json:
         ui.print_json(result.to_dict())
+    elif hasattr(result, "scores"):
+        ui.show_eval(result)
     else:
         ui.show_loss(result)
 

@@ -1,7 +1,8 @@
-"""Evaluation: held-out loss / perplexity over the assistant tokens of a dataset."""
+"""Evaluation: held-out loss / perplexity, task metrics on generated answers (base vs tuned), a local judge."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -52,3 +53,131 @@ def evaluate_loss(model_path: Path, data_path: Path, *, adapter: Path | None = N
     loss, tokens = dataset_loss(model, examples, batch_size, progress)
     return LossResult(loss=loss, perplexity=math.exp(loss) if loss == loss else float("nan"),
                       tokens=tokens, rows=len(examples), truncated=truncated)
+
+
+# ---- task metrics on generated answers ------------------------------------------------------
+
+
+@dataclass
+class EvalReport:
+    data: str
+    rows: int
+    metrics: list[str]
+    scores: dict  # model label ("tuned" or "base" / "model") -> metric -> mean
+    classification: dict | None = None  # label -> classification() result
+    judge: dict | None = None  # label -> judge.summarize()
+    loss: dict | None = None  # label -> {"loss", "perplexity", "tokens"}
+    differ_most: list[dict] | None = None  # with --compare: rows where base and tuned differ most
+    output: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _items(data_path, need_reference: bool):
+    """(row, prompt messages, reference) for every row of a dataset."""
+    from mlx_gemma_tune import dataset_files
+    from mlx_gemma_tune.errors import InputError
+
+    items = []
+    for row in dataset_files.read_rows(data_path):
+        if row.messages is None or row.messages[-1]["role"] != "assistant":
+            if need_reference:
+                raise InputError("has no reference answer for the metrics asked (needs a final assistant message, "
+                                 "'completion' or 'response')", where=row.where,
+                                 hint="use --metric loss, or add reference answers")
+            continue
+        items.append((row, row.messages[:-1], row.messages[-1]["content"]))
+    return items
+
+
+def generate_batch(session, prompts: list[list[dict]], max_tokens: int, batch_size: int,
+                   on_done: Callable[[int], None] | None = None) -> list[str]:
+    """Greedy answers to many conversations, batched through mlx-lm's batch_generate."""
+    from mlx_lm.generate import batch_generate
+
+    from mlx_gemma_tune.generate import END_OF_TURN
+
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = [session._prompt_tokens(m) for m in prompts[start:start + batch_size]]
+        texts = batch_generate(session.model, session.tokenizer, chunk, max_tokens=max_tokens).texts
+        for t in texts:
+            for marker in END_OF_TURN:
+                t = t.split(marker)[0]
+            out.append(t.strip())
+        if on_done:
+            on_done(len(out))
+    return out
+
+
+def evaluate(model_or_run: str, data_path: str, *, metrics: tuple[str, ...] = ("loss",), adapter: str | None = None,
+             compare: bool = False, judge_model: str | None = None, max_tokens: int = 256, batch_size: int = 8,
+             max_seq_length: int = 2048, output: str | None = None,
+             progress: Callable[[int, int], None] | None = None) -> EvalReport:
+    """Loss and/or task metrics of a model (and, with compare, its base) on a dataset."""
+    from mlx_gemma_tune import fsio
+    from mlx_gemma_tune import metrics as M
+    from mlx_gemma_tune.errors import UserError
+    from mlx_gemma_tune.generate import ChatSession, Sampling
+
+    unknown = [m for m in metrics if m not in M.ALL_METRICS]
+    if unknown:
+        raise UserError(f"unknown metric '{unknown[0]}'", hint="choose from " + ", ".join(M.ALL_METRICS))
+    text_metrics = tuple(m for m in metrics if m != "loss")
+    session = ChatSession.open(model_or_run, adapter, sampling=Sampling(temp=0.0, max_tokens=max_tokens))
+    if compare and session.adapter is None:
+        raise UserError("--compare needs an adapter", hint="pass --adapter DIR or a run directory")
+    labels = (["base", "tuned"] if compare else ["tuned" if session.adapter else "model"])
+    items = _items(data_path, need_reference=bool(text_metrics or judge_model))
+    report = EvalReport(data=str(data_path), rows=0, metrics=list(metrics), scores={})
+    answers: dict[str, list[str]] = {}
+    for label in labels:
+        if label == "base":
+            session.disable_adapter()
+        else:
+            session.enable_adapter()
+        if "loss" in metrics:
+            examples, _ = data.load_examples(session.tokenizer, data_path, max_seq_length)
+            loss, tokens = dataset_loss(session.model, examples, batch_size)
+            report.loss = (report.loss or {}) | {label: {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens}}
+            report.rows = len(examples)
+        if text_metrics or judge_model:
+            total = len(items)
+            answers[label] = generate_batch(session, [m for _r, m, _ref in items], max_tokens, batch_size,
+                                            (lambda done: progress(done, total)) if progress else None)
+            report.rows = total
+    session.enable_adapter()
+    rows_out = []
+    for label, preds in answers.items():
+        refs = [ref for _r, _m, ref in items]
+        per_row = [M.row_scores(p, r, text_metrics) for p, r in zip(preds, refs)]
+        report.scores[label] = {k: sum(s[k] for s in per_row) / len(per_row) for k in (per_row[0] if per_row else {})}
+        if "classification" in text_metrics:
+            report.classification = (report.classification or {}) | {label: M.classification(preds, refs)}
+        for i, s in enumerate(per_row):
+            if len(rows_out) <= i:
+                rows_out.append({"where": items[i][0].where, "prompt": items[i][1][-1]["content"], "reference": refs[i]})
+            rows_out[i][f"answer_{label}"] = preds[i]
+            rows_out[i][f"scores_{label}"] = s
+    if judge_model and answers:
+        from mlx_gemma_tune import judge as J
+
+        j = J.Judge(judge_model)
+        report.judge = {}
+        for label, preds in answers.items():
+            verdicts = []
+            for i, (pred, (_r, msgs, ref)) in enumerate(zip(preds, items)):
+                verdicts.append(j.score(msgs[-1]["content"], ref, pred))
+                rows_out[i][f"judge_{label}"] = verdicts[-1]
+            report.judge[label] = J.summarize(verdicts)
+    if compare and rows_out:
+        key = "f1" if "f1" in text_metrics else (text_metrics[0] if text_metrics else None)
+        if key and key in rows_out[0]["scores_tuned"]:
+            ranked = sorted(rows_out, key=lambda r: -abs(r["scores_tuned"][key] - r["scores_base"][key]))
+            report.differ_most = [r for r in ranked[:5] if r["answer_base"] != r["answer_tuned"]]
+    if output:
+        path = Path(output)
+        fsio.atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows_out))
+        report.output = str(path)
+    return report

@@ -85,6 +85,33 @@ def stage(message: str) -> None:
     err.print(f"[dim]•[/] {message}", soft_wrap=True)
 
 
+def show_eval(r) -> None:
+    labels = list(r.scores) or list(r.loss or {})
+    t = Table(title=f"{r.data} ({r.rows} rows)", title_justify="left")
+    t.add_column("metric")
+    for label in labels:
+        t.add_column(label, justify="right")
+    keys = list(next(iter(r.scores.values()), {}))
+    for key in keys:
+        t.add_row(key, *[f"{r.scores[label][key]:.3f}" for label in labels])
+    for key in ("loss", "perplexity"):
+        if r.loss:
+            t.add_row(key, *[f"{r.loss[label][key]:.4f}" if label in r.loss else "" for label in labels])
+    if r.classification:
+        t.add_row("accuracy", *[f"{r.classification[label]['accuracy']:.3f}" for label in labels])
+        t.add_row("macro F1", *[f"{r.classification[label]['macro_f1']:.3f}" for label in labels])
+    if r.judge:
+        t.add_row("judge overall", *[("-" if r.judge[label]["overall"] is None else f"{r.judge[label]['overall']:.2f}")
+                                    for label in labels])
+        t.add_row("judge unparsable", *[str(r.judge[label]["unparsable"]) for label in labels])
+    out.print(t)
+    for row in r.differ_most or []:
+        out.print(f"{row['where']}: {row['prompt']}\n  base:  {row['answer_base']}\n  tuned: {row['answer_tuned']}\n"
+                  f"  reference: {row['reference']}", markup=False, soft_wrap=True)
+    if r.output:
+        out.print(f"per-row results: {r.output}", markup=False)
+
+
 def print_json(obj) -> None:
     # Plain stdout, no Rich markup or wrapping, so scripts can parse it.
     import click

@@ -11,6 +11,7 @@ defaults stay untouched:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -80,3 +81,30 @@ def hf_model(fixtures_root):
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_PRIVATE_TMP, ignore_errors=True)
+
+
+PROMPTS = ["Capital of France?", "Two plus two?", "Colour of the sky?", "Opposite of hot?", "First letter?",
+           "Largest ocean?", "Frozen water?", "Baby cat?"]
+ANSWER = "Paris."
+
+
+@pytest.fixture(scope="session")
+def trained_run(hf_model, tmp_path_factory):
+    """trained_run(family) -> a run directory whose adapter answers 'Paris.' to everything."""
+    from mlx_gemma_tune import session, trainer
+
+    runs = {}
+
+    def get(family):
+        if family not in runs:
+            root = tmp_path_factory.mktemp(f"run-{family}")
+            data = root / "paris.jsonl"
+            data.write_text("".join(json.dumps({"prompt": p, "completion": ANSWER}) + "\n" for p in PROMPTS))
+            sets = ("train.lr=3e-3", "lora.rank=8", "lora.dropout=0.0", "train.iters=60", "train.batch_size=4",
+                    "data.valid_fraction=0", "train.warmup_ratio=0.05", "train.schedule=constant")
+            trainer.run(session.prepare_run(model=str(hf_model(family)), data=str(data), out=str(root / "run"),
+                                            sets=sets))
+            runs[family] = root / "run"
+        return runs[family]
+
+    return get

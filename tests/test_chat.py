@@ -8,31 +8,7 @@ import pytest
 
 from helpers import assert_one_line_error, run_cli
 
-PROMPTS = ["Capital of France?", "Two plus two?", "Colour of the sky?", "Opposite of hot?", "First letter?",
-           "Largest ocean?", "Frozen water?", "Baby cat?"]
-ANSWER = "Paris."
-
-
-@pytest.fixture(scope="module")
-def trained_run(hf_model, tmp_path_factory):
-    """trained_run(family) -> a run directory whose adapter answers 'Paris.' to everything."""
-    from mlx_gemma_tune import session, trainer
-
-    runs = {}
-
-    def get(family):
-        if family not in runs:
-            root = tmp_path_factory.mktemp(f"run-{family}")
-            data = root / "paris.jsonl"
-            data.write_text("".join(json.dumps({"prompt": p, "completion": ANSWER}) + "\n" for p in PROMPTS))
-            sets = ("train.lr=3e-3", "lora.rank=8", "lora.dropout=0.0", "train.iters=60", "train.batch_size=4",
-                    "data.valid_fraction=0", "train.warmup_ratio=0.05", "train.schedule=constant")
-            trainer.run(session.prepare_run(model=str(hf_model(family)), data=str(data), out=str(root / "run"),
-                                            sets=sets))
-            runs[family] = root / "run"
-        return runs[family]
-
-    return get
+from conftest import ANSWER
 
 
 GREEDY = ["--temp", "0", "--max-tokens", "24"]
