@@ -9,8 +9,16 @@ __version__ = "0.1.0"
 
 def __getattr__(name):
     """The Python API, imported on first use: export_hf, export_peft, fuse."""
-    if name in ("export_hf", "export_peft", "fuse"):
-        from mlx_gemma_tune import export
+    if name == "export_hf":
+        from mlx_gemma_tune.export import export_hf
 
-        return getattr(export, name)
+        return export_hf
+    if name == "export_peft":
+        from mlx_gemma_tune.peft_export import export_peft
+
+        return export_peft
+    if name == "fuse":
+        from mlx_gemma_tune.merge import fuse
+
+        return fuse
     raise AttributeError(f"module 'mlx_gemma_tune' has no attribute {name!r}")

@@ -403,7 +403,7 @@ def generate(model_or_run, prompt, prompts_file, compare, as_json, adapter, syst
 def fuse(run_dir, out, mode, group_size, base, force, as_json):
     """Merge a run's adapter into its base model, in full precision, as an MLX model."""
     from mlx_gemma_tune import ui
-    from mlx_gemma_tune.export import fuse as run
+    from mlx_gemma_tune.merge import fuse as run
 
     requantize = int(mode) if mode in ("4", "8") else None
     with ui.status("Fusing") as progress:
@@ -439,7 +439,9 @@ def export(run_or_fused, fmt, out, dtype, verify, base, force, as_json):
         else:
             if dtype or verify:
                 raise click.UsageError("--dtype and --verify apply to --format hf")
-            result = ex.export_peft(run_or_fused, out, base=base, force=force)
+            from mlx_gemma_tune.peft_export import export_peft
+
+            result = export_peft(run_or_fused, out, base=base, force=force)
     if as_json:
         ui.print_json(result.to_dict())
     else:

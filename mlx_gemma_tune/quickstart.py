@@ -59,7 +59,7 @@ def _answers(session, items) -> list[str]:
 def run_quickstart(out: str = "quickstart", *, model: str | None = None, steps: int = 60, eval_rows: int = 10,
                    show: int = 3, force: bool = False, progress: Callable[[str], None] | None = None,
                    train_callback=None) -> QuickstartResult:
-    from mlx_gemma_tune import convert, export, fsio, session, trainer
+    from mlx_gemma_tune import convert, export, fsio, merge, peft_export, session, trainer
     from mlx_gemma_tune.generate import ChatSession, Sampling
 
     say = progress or (lambda _m: None)
@@ -105,10 +105,10 @@ def run_quickstart(out: str = "quickstart", *, model: str | None = None, steps: 
     acc_after = sum(exact_json_match(a, r) for a, r in zip(after[:n], refs[:n])) / n
 
     say("Fusing the adapter")
-    fused = export.fuse(str(run_dir), str(out_p / "fused"), progress=say)
+    fused = merge.fuse(str(run_dir), str(out_p / "fused"), progress=say)
     say("Exporting a Hugging Face checkpoint")
     hf = export.export_hf(str(run_dir), str(out_p / "hf"), progress=say)
-    peft = export.export_peft(str(run_dir), str(out_p / "peft"))
+    peft = peft_export.export_peft(str(run_dir), str(out_p / "peft"))
     prompts = [m[-1]["content"] for m, _ in items]
     result = QuickstartResult(str(base), str(run_dir), prompts[:show], before[:show], after[:show], refs[:show],
                               acc_before, acc_after, n, fused.output, hf.output, peft.output, notes)

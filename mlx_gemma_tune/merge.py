@@ -1,0 +1,100 @@
+"""Merging a run's adapter into its base, in full precision; optionally re-quantized, with the error shown."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from mlx_gemma_tune import checkpoint, fsio
+from mlx_gemma_tune.errors import InputError, UserError
+from mlx_gemma_tune.export import Progress, load_merged
+
+
+@dataclass
+class FuseResult:
+    output: str
+    adapter: str | None
+    fused_layers: int
+    quantized_base: bool
+    requantized_bits: int | None
+    deviation: dict | None  # requantization error against the full-precision merge
+    size_bytes: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def fuse(run_dir: str, out: str, *, requantize: int | None = None, group_size: int = 64, force: bool = False,
+         base: str | None = None, progress: Progress | None = None) -> FuseResult:
+    """Merge a run's adapter into its base in full precision and write an MLX model directory."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import quantize_model, save_config, save_model
+
+    started = time.monotonic()
+    out_p = Path(out).expanduser()
+    fsio.check_output_dir(out_p, force=force, inputs=(Path(run_dir),))
+    if requantize not in (None, 4, 8):
+        raise UserError(f"--requantize must be 4 or 8, not {requantize}")
+    merged = load_merged(run_dir, base, progress)
+    if merged.adapter is None:
+        raise InputError("is not a run directory with an adapter", where=str(run_dir),
+                         hint="fuse takes the directory `mlx-gemma-tune train` wrote")
+    base_config = checkpoint.read_config(merged.base)
+    quantized_base = "quantization" in base_config
+    deviation = None
+    config = merged.config
+    if requantize:
+        import contextlib
+        import io
+
+        full = dict(tree_flatten(merged.model.parameters()))
+        adapted = {p for p in lora_module_paths(merged.adapter)}
+        with contextlib.redirect_stdout(io.StringIO()):
+            model, config = quantize_model(merged.model, config, group_size, requantize,
+                                           quant_predicate=getattr(merged.model, "quant_predicate", None))
+        deviation = _requant_deviation(model, full, adapted)
+        merged.model = model
+    with fsio.staged_dir(out_p) as tmp:
+        save_model(tmp, merged.model, donate_model=True)
+        save_config(dict(config), config_path=tmp / "config.json")
+        merged.tokenizer.save_pretrained(str(tmp))
+        if (merged.base / "generation_config.json").is_file():
+            shutil.copyfile(merged.base / "generation_config.json", tmp / "generation_config.json")
+        prov = json.loads((merged.base / "provenance.json").read_text()) if (merged.base / "provenance.json").is_file() \
+            else {"source": {"path": str(merged.source.resolve())}, "original_config": checkpoint.read_config(merged.source)}
+        prov["fused"] = {"adapter": str(merged.adapter), "base": str(merged.base), "layers": merged.fused_layers,
+                         "requantized_bits": requantize, "deviation": deviation}
+        fsio.atomic_write_json(tmp / "provenance.json", prov)
+    mx.clear_cache()
+    return FuseResult(str(out_p), str(merged.adapter), merged.fused_layers, quantized_base, requantize, deviation,
+                      fsio.dir_size(out_p), round(time.monotonic() - started, 2))
+
+
+def lora_module_paths(adapter_dir: Path) -> list[str]:
+    cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    return list((cfg.get("mlx_gemma_tune") or {}).get("modules") or [])
+
+
+def _requant_deviation(model, full: dict, adapted: set[str]) -> dict:
+    """How far re-quantized merged weights are from the full-precision merge (adapted layers)."""
+    import mlx.core as mx
+
+    worst, total_err, total_norm = 0.0, 0.0, 0.0
+    modules = dict(model.named_modules())
+    for path in adapted:
+        m = modules.get(path)
+        if m is None or not hasattr(m, "scales"):
+            continue
+        w = mx.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits, m.mode)
+        ref = full[path + ".weight"]
+        err = (w.astype(mx.float32) - ref.astype(mx.float32))
+        worst = max(worst, float(mx.abs(err).max()))
+        total_err += float(mx.sum(err * err))
+        total_norm += float(mx.sum(ref.astype(mx.float32) ** 2))
+    rel = (total_err / total_norm) ** 0.5 if total_norm else 0.0
+    return {"max_abs": worst, "relative_rms": rel}
