@@ -71,3 +71,10 @@ def test_unknown_metric(hf_model, tmp_path):
 
     with pytest.raises(UserError, match="unknown metric 'bleu'"):
         evaluate(str(hf_model("gemma3_text")), str(_data(tmp_path)), metrics=("bleu",))
+
+
+def test_loss_of_a_run_directory_uses_its_adapter(trained_run, hf_model, tmp_path):
+    run = run_cli(["eval", trained_run("gemma3_text"), "--data", _data(tmp_path), "--json"])
+    base = run_cli(["eval", hf_model("gemma3_text"), "--data", _data(tmp_path), "--json"])
+    assert run.exit_code == 0 and base.exit_code == 0, run.output + base.output
+    assert json.loads(run.stdout)["loss"] < 0.1 < json.loads(base.stdout)["loss"]
