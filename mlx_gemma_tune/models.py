@@ -70,6 +70,17 @@ def _gemma3n_language_model_class():
         """mlx-lm's Gemma 3n text model with exact KV sharing without a cache and a safe AltUp."""
 
         def __call__(self, inputs=None, cache=None, input_embeddings=None):
+            return self.head(self.hidden(inputs, cache, input_embeddings))
+
+        def head(self, h):
+            """Final hidden states -> logits (tied embedding, soft-cap)."""
+            out = self.embed_tokens.as_linear(h)
+            if self.final_logit_softcapping is not None:
+                out = gemma3n.logit_softcap(self.final_logit_softcapping, out)
+            return out
+
+        def hidden(self, inputs=None, cache=None, input_embeddings=None):
+            """The normed final hidden states (what the LM head reads)."""
             if input_embeddings is None:
                 h = self.embed_tokens(inputs) * (self.hidden_size**0.5)
             else:
@@ -96,10 +107,7 @@ def _gemma3n_language_model_class():
             for i, proj in enumerate(self.altup_unembed_projections):
                 h[i + 1] = proj(h[i + 1])
             h[1:] = h[1:] * (target / magnitude(h[1:]))
-            out = self.embed_tokens.as_linear(self.norm(mx.mean(h, axis=0)))
-            if self.final_logit_softcapping is not None:
-                out = gemma3n.logit_softcap(self.final_logit_softcapping, out)
-            return out
+            return self.norm(mx.mean(h, axis=0))
 
     return LanguageModel
 
