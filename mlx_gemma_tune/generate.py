@@ -148,9 +148,7 @@ class ChatSession:
                                  max_tokens=s.max_tokens, sampler=sampler):
             self.stats = Stats(r.prompt_tokens, r.generation_tokens, r.generation_tps, r.peak_memory,
                                r.finish_reason)
-            if r.finish_reason == "stop":  # the end-of-turn token itself is not shown
-                break
-            if r.text:
+            if r.text:  # the final response carries the detokenizer's last piece; the stop token is never text
                 yield r.text
 
     def reply(self, text: str) -> Iterator[str]:
