@@ -132,13 +132,13 @@ def evaluate(model_or_run: str, data_path: str, *, metrics: tuple[str, ...] = ("
     items = _items(data_path, need_reference=bool(text_metrics or judge_model))
     report = EvalReport(data=str(data_path), rows=0, metrics=list(metrics), scores={})
     answers: dict[str, list[str]] = {}
+    examples = data.load_examples(session.tokenizer, data_path, max_seq_length)[0] if "loss" in metrics else []
     for label in labels:
         if label == "base":
             session.disable_adapter()
         else:
             session.enable_adapter()
         if "loss" in metrics:
-            examples, _ = data.load_examples(session.tokenizer, data_path, max_seq_length)
             loss, tokens = dataset_loss(session.model, examples, batch_size)
             report.loss = (report.loss or {}) | {label: {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens}}
             report.rows = len(examples)

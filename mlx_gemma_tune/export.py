@@ -140,9 +140,7 @@ def load_merged(run_or_model: str, base: str | None = None, progress: Progress |
 
     say = progress or (lambda _m: None)
     base_dir, adapter = generate.resolve_target(run_or_model)
-    base_dir = models.resolve_model_dir(base_dir)
-    if adapter is None and not (base_dir / "provenance.json").is_file() and (base_dir / "recipe.yaml").is_file():
-        raise InputError("has no adapter yet", where=str(run_or_model))
+    base_dir = models.resolve_model_dir(base_dir)  # (a run without an adapter was refused just above)
     source = _source_of(base_dir, base)
     source_config = checkpoint.read_config(source)
     say("Loading the model")

@@ -88,7 +88,7 @@ def trainable_parameters(model) -> int:
     return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
 
 
-def save(model, settings: LoraSettings, out_dir: Path, *, weights_name: str = ADAPTER_WEIGHTS) -> None:
+def save(model, settings: LoraSettings, out_dir: Path) -> None:
     """Write adapters.safetensors + adapter_config.json (mlx-lm's format, plus our module list)."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
@@ -96,9 +96,9 @@ def save(model, settings: LoraSettings, out_dir: Path, *, weights_name: str = AD
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = dict(tree_flatten(model.trainable_parameters()))
-    tmp = out_dir / f".{weights_name}.tmp.safetensors"
+    tmp = out_dir / f".{ADAPTER_WEIGHTS}.tmp.safetensors"
     mx.save_safetensors(str(tmp), weights, metadata={"format": "mlx"})
-    tmp.replace(out_dir / weights_name)
+    tmp.replace(out_dir / ADAPTER_WEIGHTS)
     fsio.atomic_write_json(out_dir / ADAPTER_CONFIG, adapter_config(model, settings))
 
 

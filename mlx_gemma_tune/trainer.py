@@ -52,11 +52,7 @@ def make_step(model, optimizer, max_grad_norm: float | None = None):
     import mlx.optimizers as optim
     from mlx.utils import tree_map
 
-    def sum_loss(m, inputs, targets, mask):
-        total, count = losses.masked_cross_entropy(m, inputs, targets, mask)
-        return total, count
-
-    value_and_grad = nn.value_and_grad(model, sum_loss)
+    value_and_grad = nn.value_and_grad(model, losses.masked_cross_entropy)  # (token-loss sum, count)
 
     def step(micro_batches):
         grads, total, count = None, mx.array(0.0), mx.array(0.0)
@@ -227,7 +223,7 @@ def run(prepared, *, callback=None, control: Control | None = None) -> TrainSumm
                          "trainable_parameters": lora.trainable_parameters(model), "modules": len(p.lora.modules)})
     started = time.monotonic()
     window = {"loss": 0.0, "tokens": 0, "steps": 0, "t": time.perf_counter()}
-    last_ckpt = rundir.list_checkpoints(run_dir)[-1] if rundir.list_checkpoints(run_dir) else None
+    last_ckpt = (rundir.list_checkpoints(run_dir) or [None])[-1]
     stopped_early = interrupted = False
     previous_handler = _install_sigint(control)
     model.train()
@@ -281,18 +277,16 @@ def run(prepared, *, callback=None, control: Control | None = None) -> TrainSumm
                     stopped_early = True
                     emit.event("early_stop", {"step": step, "best_step": state["best_step"]})
                     break
-            if step % cfg.save_every == 0 or step == total:
-                if rundir.checkpoint_dir(run_dir, step) not in rundir.list_checkpoints(run_dir):
-                    last_ckpt = save(step)
+            saved = last_ckpt == rundir.checkpoint_dir(run_dir, step)  # e.g. a new best just now
+            if (step % cfg.save_every == 0 or step == total or control.stop_requested) and not saved:
+                last_ckpt = save(step)
             if control.stop_requested:
                 interrupted = step < total
-                if rundir.checkpoint_dir(run_dir, step) not in rundir.list_checkpoints(run_dir):
-                    last_ckpt = save(step)
                 break
     finally:
         _restore_sigint(previous_handler)
         model.eval()
-    if not p.valid or state["adapter_from_step"] is None:
+    if state["adapter_from_step"] is None:  # validation never improved on a saved step
         if last_ckpt is not None:
             rundir.publish_adapter(run_dir, last_ckpt)
             state["adapter_from_step"] = int(Path(last_ckpt).name.split("-")[1])
