@@ -50,7 +50,7 @@ def main() -> None:
 
     rows = [
         run("mlx-lm default_loss", lambda m: default_loss(m, tokens, lengths)[0]),
-        run("mlx-gemma-tune chunked (256)", lambda m: losses.mean_loss(m, inputs, targets, mask, chunk=256)),
+        run(f"mlx-gemma-tune chunked ({losses.DEFAULT_CHUNK})", lambda m: losses.mean_loss(m, inputs, targets, mask, grad=True)),
     ]
     print(f"{path.name}, batch {args.batch} x {args.seq} tokens, {mx.default_device()}")
     print("| loss | value | peak memory | time |")

@@ -46,7 +46,7 @@ def _version(pkg: str) -> str | None:
         return None
 
 
-def _total_memory() -> int | None:
+def total_memory() -> int | None:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -81,7 +81,7 @@ def run_doctor() -> DoctorReport:
     packages = {p: _version(p) for p in CORE_PACKAGES}
     metal = bool(mx.metal.is_available())
     info = mx.device_info() if hasattr(mx, "device_info") else {}
-    memory = info.get("memory_size") or _total_memory()
+    memory = info.get("memory_size") or total_memory()
     working_set = info.get("max_recommended_working_set_size")
     device = f"{'Metal GPU' if metal else 'CPU'} ({info.get('device_name') or platform.processor() or platform.machine()})"
     blas = _blas_check() if not metal and sys.platform.startswith("linux") else None

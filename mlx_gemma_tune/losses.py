@@ -1,20 +1,27 @@
 """Losses. A training step's loss is the masked next-token cross-entropy.
 
 Gemma's 262,144-token vocabulary makes the logits the largest tensor of a LoRA step on small
-models (2,048 tokens: 2 GiB of float32 logits, plus their gradient). `chunk` applies the LM head
-(and the final soft-cap) to a slice of positions at a time under mx.checkpoint; the result is the
-plain loss and gradient, exactly (tests/test_losses.py). It is OFF by default: measured with
-benchmarks/loss_memory.py on Gemma 3 270M (CPU, batch 4 x 1024) it cut peak memory by only 5%
-(20.3 -> 19.3 GiB), so MLX still holds most of the logits; making the saving real is issue 9.
+models (2,048 tokens: 2 GiB of float32 logits, plus their gradient). The default loss never
+holds them: it gathers the hidden states of the target tokens only (prompt and padding
+positions need no logits), and applies the LM head, the final soft-cap and the cross-entropy
+to `chunk` of them at a time, in a custom function that computes each slice's gradient while
+its logits exist (the backward pass only scales it). Slices are chained with `mx.depends` so MLX's scheduler (which evaluates up
+to 20 independent branches side by side) cannot run them concurrently; that is why an earlier
+mx.checkpoint version saved only 5%. The value and the gradients equal the plain loss to fp32
+rounding (tests/test_losses.py).
+
+The head must be frozen (it is: LoRA never targets the embedding / LM head); its gradient is
+not computed here.
 """
 
 from __future__ import annotations
 
-DEFAULT_CHUNK = None  # positions per slice of logits; None = the plain loss (see the module note)
+DEFAULT_CHUNK = 512  # target tokens per slice of logits (512 x 262,144 x 4 B = 512 MiB)
+SMALL_PAD = 64  # fewer targets than a chunk: pad their count to a multiple of this
 
 
 def split_head(model):
-    """(hidden_fn, head_fn) for a Gemma model: inputs -> final hidden states -> logits."""
+    """(hidden_fn(inputs, cache=None), head_fn) for a Gemma model: inputs -> final hidden -> logits."""
     import mlx.core as mx
 
     lm = model
@@ -22,7 +29,7 @@ def split_head(model):
         lm = lm.language_model  # gemma4 / gemma3 wrappers around the text model
     inner = getattr(getattr(lm, "model", None), "language_model", None)
     if inner is not None and hasattr(inner, "hidden"):  # gemma3n, through our fixed class
-        return inner.hidden, inner.head
+        return (lambda inputs, cache=None: inner.hidden(inputs, cache)), inner.head
     if not hasattr(lm, "model"):
         return None
     cap = getattr(lm, "final_logit_softcapping", None)
@@ -33,42 +40,107 @@ def split_head(model):
             out = mx.tanh(out / cap) * cap
         return out
 
-    return (lambda inputs: lm.model(inputs)), head
+    return (lambda inputs, cache=None: lm.model(inputs, cache=cache)), head
 
 
-def masked_cross_entropy(model, inputs, targets, mask, chunk: int | None = DEFAULT_CHUNK):
-    """(sum of token losses, number of target tokens) over the masked positions, in float32.
+def select_targets(mask, chunk: int = DEFAULT_CHUNK):
+    """(flat indices, weights) of the target positions of a mask, padded with weight-0 entries.
 
-    chunk: positions per slice of logits (None or 0: all at once, the plain loss).
+    Computed on the host from the (already materialised) mask; the count is padded to a
+    multiple of `chunk` (or of SMALL_PAD below one chunk) so compiled steps see few shapes.
+    """
+    import mlx.core as mx
+    import numpy as np
+
+    m = np.asarray(mask, dtype=np.float32).reshape(-1)
+    idx = np.flatnonzero(m > 0).astype(np.int32)
+    step = chunk if len(idx) > chunk else SMALL_PAD
+    size = max(step, -(-len(idx) // step) * step)
+    weights = np.zeros(size, dtype=np.float32)
+    weights[: len(idx)] = m[idx]
+    return mx.array(np.pad(idx, (0, size - len(idx)))), mx.array(weights)
+
+
+def _chunked_head_loss(head, chunk: int, grad: bool):
+    """(h (M, D), targets (M,), weights (M,)) -> sum of weighted token losses, one slice at a time.
+
+    With grad=True it is a custom function that also computes each slice's gradient with
+    respect to h in the forward pass (while that slice's logits exist) and hands it to the
+    backward pass: the logits are built once, never kept, and the backward costs nothing.
     """
     import mlx.core as mx
     import mlx.nn as nn
 
+    def piece(h, t, w):
+        ce = nn.losses.cross_entropy(head(h).astype(mx.float32), t, reduction="none")
+        return mx.where(w > 0, ce * w, 0.0).sum()
+
+    def slices(n):
+        return [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+
+    def forward(h, t, w):
+        total, grads, prev = mx.array(0.0), [], None
+        for s, e in slices(h.shape[0]):
+            hs = h[s:e] if prev is None else mx.depends(h[s:e], prev)  # one slice of logits at a time
+            if grad:
+                value, g = mx.value_and_grad(piece)(hs, t[s:e], w[s:e])
+                grads.append(g)
+                prev = [value, g]  # both: a pending value would keep this slice's logits alive
+            else:
+                value = prev = piece(hs, t[s:e], w[s:e])
+            total = total + value
+        return total, grads
+
+    if not grad:
+        return lambda h, t, w: forward(h, t, w)[0]
+
+    @mx.custom_function
+    def loss(h, t, w):
+        total, grads = forward(h, t, w)
+        return total, mx.concatenate(grads, axis=0).astype(h.dtype)
+
+    @loss.vjp
+    def loss_vjp(primals, cotangents, outputs):
+        _, t, w = primals
+        return cotangents[0] * outputs[1], mx.zeros_like(t), mx.zeros_like(w)
+
+    return lambda h, t, w: loss(h, t, w)[0]
+
+
+def masked_cross_entropy(model, inputs, targets, mask, segments=None, chunk: int | None = DEFAULT_CHUNK,
+                         selected=None, grad: bool = False):
+    """(sum of token losses, number of target tokens) over the masked positions, in float32.
+
+    segments: packed rows' ids (see packing.py), or None. chunk: target tokens per slice of
+    logits; None or 0 computes the plain loss over full logits. selected: select_targets(mask)
+    when the caller has it (a compiled step must pass it: the mask is not readable inside).
+    grad: the caller differentiates this loss (a training step); any value is correct, True makes
+    the chunked loss's backward pass cheap and False its forward pass.
+    """
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    cache = None
+    if segments is not None:
+        from mlx_gemma_tune import packing
+
+        cache = packing.attention_cache(model, segments)
     parts = split_head(model) if chunk else None
-    if parts is None or inputs.shape[1] <= chunk:
-        logits = model(inputs).astype(mx.float32)
+    if parts is None:
+        logits = model(inputs, cache=cache).astype(mx.float32)
         ce = nn.losses.cross_entropy(logits, targets, reduction="none")
-        return mx.where(mask > 0, ce, 0.0).sum(), mask.sum()
+        return mx.where(mask > 0, ce * mask, 0.0).sum(), mask.sum()
     hidden_fn, head_fn = parts
-    hidden = hidden_fn(inputs)
-
-    def slice_loss(t, m):
-        def f(h):
-            ce = nn.losses.cross_entropy(head_fn(h).astype(mx.float32), t, reduction="none")
-            return mx.where(m > 0, ce, 0.0).sum()
-
-        return mx.checkpoint(f)  # the slice's logits are rebuilt in the backward pass, not kept
-
-    total = mx.array(0.0)
-    for start in range(0, inputs.shape[1], chunk):
-        end = start + chunk
-        total = total + slice_loss(targets[:, start:end], mask[:, start:end])(hidden[:, start:end])
+    hidden = hidden_fn(inputs, cache)
+    idx, weights = selected if selected is not None else select_targets(mask, chunk)
+    h = hidden.reshape(-1, hidden.shape[-1])[idx]
+    total = _chunked_head_loss(head_fn, chunk, grad)(h, targets.reshape(-1)[idx], weights)
     return total, mask.sum()
 
 
-def mean_loss(model, inputs, targets, mask, chunk: int | None = DEFAULT_CHUNK):
+def mean_loss(model, inputs, targets, mask, chunk: int | None = DEFAULT_CHUNK, segments=None, grad: bool = True):
     """Mean token loss of a batch: what a training step minimises."""
     import mlx.core as mx
 
-    total, count = masked_cross_entropy(model, inputs, targets, mask, chunk)
+    total, count = masked_cross_entropy(model, inputs, targets, mask, segments, chunk, grad=grad)
     return total / mx.maximum(count, 1.0)

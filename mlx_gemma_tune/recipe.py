@@ -41,6 +41,8 @@ class DataConfig:
     max_seq_length: int = _f(2048, "Longest row in tokens; longer rows are handled as `overlong` says.")
     overlong: str = _f("truncate", "What to do with rows over max_seq_length.", ("truncate", "drop", "error"))
     mask_prompt: bool = _f(True, "Train only on assistant turns (every turn). false trains on all tokens.")
+    pack: bool = _f(False, "Pack several rows into each sequence of up to max_seq_length tokens (attention stays "
+                    "within a row); batch_size then counts packed sequences. Much faster on short rows.")
 
 
 @dataclass
@@ -72,6 +74,12 @@ class TrainConfig:
     keep_checkpoints: int = _f(3, "How many recent checkpoints to keep (the best one is kept as well).")
     early_stopping_patience: typing.Optional[int] = _f(None, "Stop after this many validations without a new "
                                                         "best validation loss; null = never stop early.")
+    compile: bool = _f(True, "Compile the training step with mx.compile (faster); false to debug.")
+    loss_chunk: typing.Optional[int] = _f(512, "Target tokens per slice of logits in the chunked loss (full logits are "
+                                          "never held); null = the plain loss over full logits.")
+    grad_checkpoint: typing.Optional[bool] = _f(None, "Recompute each layer in the backward pass instead of keeping "
+                                                "its activations (less memory, ~25% more compute); null = only "
+                                                "when the memory estimate exceeds the machine's budget.")
     val_batches: typing.Optional[int] = _f(None, "Limit each validation to this many batches; null = all.")
 
 
@@ -290,6 +298,8 @@ def _semantic(s: dict) -> list[str]:
         p.append(f"train.iters must be at least 1, got {t.iters}")
     if t.iters is None and t.epochs <= 0:
         p.append(f"train.epochs must be positive, got {t.epochs}")
+    if t.loss_chunk is not None and t.loss_chunk < 1:
+        p.append(f"train.loss_chunk must be at least 1 (or null for the plain loss), got {t.loss_chunk}")
     if d.max_seq_length < 8:
         p.append(f"data.max_seq_length must be at least 8, got {d.max_seq_length}")
     if lo.experts and lo.method == "dora":

@@ -40,12 +40,15 @@ class FitResult:
     tokens: int = 0
 
 
-def make_step(model, optimizer, max_grad_norm: float | None = None):
+def make_step(model, optimizer, max_grad_norm: float | None = None, *, compile: bool = True,
+              chunk: int | None = losses.DEFAULT_CHUNK):
     """A function (micro_batches) -> (loss, tokens, grad_norm, updated) doing one optimizer step.
 
-    Gradients of the summed token loss are accumulated over the micro-batches and divided
+    A micro-batch is (inputs, targets, mask) or (inputs, targets, mask, segments) for packed
+    rows. Gradients of the summed token loss are accumulated over the micro-batches and divided
     by their total target-token count, so accumulation equals one large batch exactly.
-    Nothing is updated when the loss or the gradient norm is not finite.
+    Nothing is updated when the loss or the gradient norm is not finite. compile: the loss and
+    gradient computation runs under mx.compile (the same numbers, tests/test_packing.py).
     """
     import mlx.core as mx
     import mlx.nn as nn
@@ -54,10 +57,29 @@ def make_step(model, optimizer, max_grad_norm: float | None = None):
 
     value_and_grad = nn.value_and_grad(model, losses.masked_cross_entropy)  # (token-loss sum, count)
 
+    def plain(inputs, targets, mask, idx, weights):
+        return value_and_grad(model, inputs, targets, mask, None, chunk, (idx, weights), True)
+
+    def packed(inputs, targets, mask, segments, idx, weights):
+        return value_and_grad(model, inputs, targets, mask, segments, chunk, (idx, weights), True)
+
+    if compile:
+        # value_and_grad puts its (traced) parameters into the model, and dropout advances the
+        # random state: both are outputs too, as in mlx-lm's compiled step
+        state = [model.state, mx.random.state]
+        plain = mx.compile(plain, inputs=state, outputs=state)
+        packed = mx.compile(packed, inputs=state, outputs=state)
+    dummy = mx.zeros((1,), dtype=mx.int32), mx.zeros((1,))
+
     def step(micro_batches):
         grads, total, count = None, mx.array(0.0), mx.array(0.0)
-        for inputs, targets, mask in micro_batches:
-            (s, n), g = value_and_grad(model, inputs, targets, mask)
+        for inputs, targets, mask, *rest in micro_batches:
+            segments = rest[0] if rest else None
+            selected = losses.select_targets(mask, chunk) if chunk else dummy
+            if segments is None:
+                (s, n), g = plain(inputs, targets, mask, *selected)
+            else:
+                (s, n), g = packed(inputs, targets, mask, segments, *selected)
             grads = g if grads is None else tree_map(mx.add, grads, g)
             total, count = total + s, count + n
             mx.eval(grads, total, count)
@@ -84,10 +106,11 @@ def _non_finite(step: int, loss: float, norm: float, last_good: str | None = Non
 
 
 def fit(model, batches: Iterable, optimizer, *, max_grad_norm: float | None = None,
-        on_step: Callable[[StepReport], None] | None = None) -> FitResult:
+        on_step: Callable[[StepReport], None] | None = None, compile: bool = True,
+        chunk: int | None = losses.DEFAULT_CHUNK) -> FitResult:
     """Train on every batch of `batches` once (one optimizer step each). For tests and scripts."""
     model.train()
-    step = make_step(model, optimizer, max_grad_norm)
+    step = make_step(model, optimizer, max_grad_norm, compile=compile, chunk=chunk)
     result = FitResult()
     for i, batch in enumerate(batches, 1):
         loss, count, norm, ok = step([batch])
@@ -113,21 +136,29 @@ def lr_schedule(lr: float, kind: str, warmup: int, total: int):
         decay = optim.cosine_decay(lr, decay_steps, 0.0)
     elif kind == "linear":
         decay = optim.linear_schedule(lr, 0.0, decay_steps)
-    else:
-        decay = lambda _step: lr  # noqa: E731
+    else:  # constant; a schedule must return an array (the optimizer casts it)
+        decay = optim.linear_schedule(lr, lr, 1)
     if warmup < 2:
         return decay
     return optim.join_schedules([optim.linear_schedule(lr / warmup, lr, warmup - 1), decay], [warmup])
 
 
-def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Length-grouped batches (little padding), in an order fixed by (seed, epoch)."""
+def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,
+                  bins: list[list[int]] | None = None) -> list[list[list[int]]]:
+    """An epoch's micro-batches, each a list of sequences, each a list of row indices.
+
+    Unpacked: length-grouped batches of single rows (little padding). Packed: `bins` (see
+    packing.pack) in a shuffled order, batch_size sequences per batch. Order fixed by (seed, epoch).
+    """
     import numpy as np
 
     rng = np.random.default_rng([seed, epoch])
+    if bins is not None:
+        seqs = [bins[i] for i in rng.permutation(len(bins))]
+        return [seqs[i:i + batch_size] for i in range(0, len(seqs), batch_size)]
     tie = rng.random(len(lengths))
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], tie[i]))
-    groups = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    groups = [[[i] for i in order[i:i + batch_size]] for i in range(0, len(order), batch_size)]
     return [groups[i] for i in rng.permutation(len(groups))]
 
 
@@ -167,8 +198,7 @@ def run(prepared, *, callback=None, control: Control | None = None) -> TrainSumm
     import mlx.core as mx
     import mlx.optimizers as optim
 
-    from mlx_gemma_tune import evaluate, lora, rundir
-    from mlx_gemma_tune.data import batches as to_arrays
+    from mlx_gemma_tune import evaluate, lora, memory, models, packing, rundir
 
     p = prepared
     cfg = p.recipe.train
@@ -176,7 +206,8 @@ def run(prepared, *, callback=None, control: Control | None = None) -> TrainSumm
     emit = _Emitter(callback)
     model, run_dir = p.model, Path(p.run_dir)
     lengths = [len(e.tokens) for e in p.train]
-    n_batches = len(epoch_batches(lengths, cfg.batch_size, cfg.seed, 0))
+    bins = packing.pack(lengths, p.recipe.data.max_seq_length) if p.recipe.data.pack else None
+    n_batches = len(epoch_batches(lengths, cfg.batch_size, cfg.seed, 0, bins))
     steps_per_epoch = max(1, math.ceil(n_batches / cfg.grad_accumulation))
     total = cfg.iters or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     warmup = int(round(cfg.warmup_ratio * total))
@@ -188,16 +219,20 @@ def run(prepared, *, callback=None, control: Control | None = None) -> TrainSumm
         state, opt_state = rundir.read_checkpoint(p.resume_from)
         optimizer.state = opt_state
     metrics = rundir.Metrics(run_dir, keep_lines=state["metrics_lines"])
-    step_fn = make_step(model, optimizer, cfg.max_grad_norm)
+    estimate = memory.estimate_for_run(p, bins)
+    checkpointing = cfg.grad_checkpoint if cfg.grad_checkpoint is not None else estimate.over_budget
+    if checkpointing:
+        models.checkpoint_layers(model)
+    step_fn = make_step(model, optimizer, cfg.max_grad_norm, compile=cfg.compile, chunk=cfg.loss_chunk)
     epoch_cache: dict[int, list[list[int]]] = {}
 
     def micro_batch(m: int):
         epoch, index = divmod(m, n_batches)
         if epoch not in epoch_cache:
             epoch_cache.clear()
-            epoch_cache[epoch] = epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch)
-        rows = [p.train[i] for i in epoch_cache[epoch][index]]
-        return next(to_arrays(rows, len(rows))), epoch
+            epoch_cache[epoch] = epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch, bins)
+        seqs = [[p.train[i] for i in seq] for seq in epoch_cache[epoch][index]]
+        return packing.batch_arrays(seqs), epoch
 
     def validate() -> float:
         model.eval()
@@ -220,7 +255,10 @@ def run(prepared, *, callback=None, control: Control | None = None) -> TrainSumm
 
     emit.event("start", {"total_steps": total, "start_step": state["step"], "steps_per_epoch": steps_per_epoch,
                          "train_rows": len(p.train), "valid_rows": len(p.valid), "run_dir": str(run_dir),
-                         "trainable_parameters": lora.trainable_parameters(model), "modules": len(p.lora.modules)})
+                         "trainable_parameters": lora.trainable_parameters(model), "modules": len(p.lora.modules),
+                         "packed_sequences": len(bins) if bins is not None else None,
+                         "grad_checkpoint": bool(checkpointing), "memory_estimate_gb": estimate.total_gb,
+                         "memory_budget_gb": estimate.budget_gb})
     started = time.monotonic()
     window = {"loss": 0.0, "tokens": 0, "steps": 0, "t": time.perf_counter()}
     last_ckpt = (rundir.list_checkpoints(run_dir) or [None])[-1]

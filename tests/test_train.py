@@ -444,9 +444,9 @@ def test_nan_in_a_run_stops_with_step_and_last_checkpoint(hf_model, tmp_path, mo
     real = losses.masked_cross_entropy
     calls = {"n": 0}
 
-    def poisoned(model, inputs, targets, mask):  # the 5th forward (step 5) returns NaN
+    def poisoned(*args, **kwargs):  # the 5th forward (step 5) returns NaN
         calls["n"] += 1
-        total, count = real(model, inputs, targets, mask)
+        total, count = real(*args, **kwargs)
         return (total * mx.array(float("nan")) if calls["n"] == 5 else total), count
 
     monkeypatch.setattr(losses, "masked_cross_entropy", poisoned)
@@ -458,3 +458,26 @@ def test_nan_in_a_run_stops_with_step_and_last_checkpoint(hf_model, tmp_path, mo
     assert "train.lr" in line
     assert (run / "checkpoints" / "step-00000004" / "state.json").is_file()
     assert len(train_records(run)) == 4  # nothing recorded for the poisoned step
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+def test_lr_schedules_drive_adamw(kind):
+    """Every schedule, with and without warm-up, gives the optimizer the intended learning rates."""
+    import mlx.core as mx
+    import mlx.optimizers as optim
+
+    from mlx_gemma_tune import trainer
+
+    for warmup in (0, 4):
+        opt = optim.AdamW(learning_rate=trainer.lr_schedule(1e-2, kind, warmup, 10))
+        params = {"w": mx.ones((3,))}
+        seen = []
+        for _ in range(10):
+            opt.update(params, {"w": mx.ones((3,))})
+            seen.append(float(opt.learning_rate))
+        if warmup:
+            assert seen[0] == pytest.approx(1e-2 / warmup) and seen[warmup - 1] == pytest.approx(1e-2)
+        if kind == "constant":
+            assert seen[warmup:] == pytest.approx([1e-2] * (10 - warmup))
+        else:
+            assert seen[-1] < seen[warmup]

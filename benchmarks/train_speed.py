@@ -1,0 +1,192 @@
+"""Training speed and peak memory: plain mlx-lm's trainer vs ours, same model, data and adapter, one process.
+
+    python benchmarks/train_speed.py [--model DIR] [--configs seq512,seq2048,short] [--steps N]
+
+Model: the bundled Gemma 3 270M (real 262,144-token vocabulary) in float32 unless --model is given.
+Both trainers get the same chat rows, batch size, sequence length, LoRA adapter (ours, rank 16 on
+every attention and MLP projection of every layer, no dropout), AdamW at the same learning rate:
+
+  mlx-lm       mlx_lm.tuner.trainer.train with default_loss and iterate_batches (compiled step,
+               length-sorted batches, logits over every position), ChatDataset with mask_prompt
+  ours         trainer.run: chunked loss over target tokens, compiled step; `+ckpt` adds gradient
+               checkpointing; on the short-row data `packed` packs rows into 512-token sequences
+
+Useful tokens are target tokens (unpadded, unmasked: the assistant answers). The first step of every
+run compiles and is left out of the timings. The memory column is MLX's peak of the whole run; the
+estimate column is memory.py's prediction for our runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
+         "quebec romeo sierra tango uniform victor whiskey xray yankee zulu river stone cloud market garden "
+         "silver window orange planet summer winter engine letter number yellow").split()
+LR = 1e-4
+RANK = 16
+
+CONFIGS = {
+    # name: (rows, batch, max_seq_length, prompt words, answer words, pack)
+    "seq512": (24, 4, 512, (190, 210), (150, 170), False),
+    "seq2048": (8, 1, 2048, (790, 810), (560, 600), False),
+    "short": (256, 8, 512, (20, 60), (6, 20), True),
+}
+
+
+def make_rows(n: int, prompt_words: tuple[int, int], answer_words: tuple[int, int], seed: int) -> list[dict]:
+    import random
+
+    rng = random.Random(seed)
+
+    def text(lo_hi):
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(*lo_hi)))
+
+    return [{"messages": [{"role": "user", "content": "Repeat after me: " + text(prompt_words)},
+                          {"role": "assistant", "content": text(answer_words)}]} for _ in range(n)]
+
+
+class _Timings:
+    """Collects per-step (seconds, useful tokens) from either trainer's reports (one step each)."""
+
+    def __init__(self):
+        self.steps: list[tuple[float, int]] = []
+
+    # mlx-lm's TrainingCallback
+    def on_train_loss_report(self, info):
+        self.steps.append((1.0 / info["iterations_per_second"], round(info["tokens_per_second"]
+                                                                     / info["iterations_per_second"])))
+
+    def on_val_loss_report(self, info):
+        pass
+
+    # ours
+    def on_train_report(self, info):
+        self.steps.append((1.0 / info["it_per_sec"], round(info["tokens_per_sec"] / info["it_per_sec"])))
+
+    def on_val_report(self, info):
+        pass
+
+    def summary(self) -> dict:
+        timed = self.steps[1:] or self.steps  # the first step compiles
+        secs = statistics.median(s for s, _ in timed)
+        tokens = sum(t for _, t in timed) / sum(s for s, _ in timed)
+        return {"step_s": secs, "useful_tok_s": tokens}
+
+
+def _fresh_model(path: Path):
+    import mlx.core as mx
+
+    from mlx_gemma_tune import lora, models
+
+    model, tokenizer, config = models.load(path)
+    mx.random.seed(0)
+    lora.apply(model, config, lora.LoraSettings(rank=RANK, alpha=2 * RANK, dropout=0.0))
+    return model, tokenizer
+
+
+def run_mlx_lm(path: Path, rows: list[dict], batch: int, seq: int, steps: int, work: Path) -> dict:
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    from mlx_lm.tuner.datasets import CacheDataset, ChatDataset
+    from mlx_lm.tuner.trainer import TrainingArgs, default_loss, iterate_batches, train
+
+    model, tokenizer = _fresh_model(path)
+    data = CacheDataset(ChatDataset(rows, tokenizer, chat_key="messages", mask_prompt=True))
+    timings = _Timings()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    args = TrainingArgs(batch_size=batch, iters=steps, steps_per_report=1, steps_per_eval=10**9,
+                        steps_per_save=10**9, max_seq_length=seq, adapter_file=str(work / "mlx_lm.safetensors"))
+    train(model, optim.AdamW(learning_rate=LR), data, None, args, default_loss, iterate_batches, timings)
+    return timings.summary() | {"peak_gib": mx.get_peak_memory() / 2**30}
+
+
+def run_ours(path: Path, data_file: Path, batch: int, seq: int, steps: int, work: Path, *, pack: bool,
+             ckpt: bool, name: str) -> dict:
+    import mlx.core as mx
+
+    from mlx_gemma_tune import memory, packing, session, trainer
+
+    sets = (f"train.iters={steps}", f"train.batch_size={batch}", "train.report_every=1", "train.eval_every=100000",
+            "train.save_every=100000", f"train.lr={LR}", "train.warmup_ratio=0", "train.schedule=constant",
+            "train.weight_decay=0", "data.valid_fraction=0", f"data.max_seq_length={seq}", f"data.pack={pack}",
+            f"train.grad_checkpoint={str(ckpt).lower()}", f"lora.rank={RANK}", f"lora.alpha={2 * RANK}",
+            "lora.dropout=0", "train.max_grad_norm=null")
+    prepared = session.prepare_run(model=str(path), data=str(data_file), out=str(work / name), sets=sets,
+                                   force=True)
+    bins = packing.pack([len(e.tokens) for e in prepared.train], seq) if pack else None
+    est = memory.estimate_for_run(prepared, bins, grad_checkpoint=ckpt)
+    timings = _Timings()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    trainer.run(prepared, callback=timings)
+    return timings.summary() | {"peak_gib": mx.get_peak_memory() / 2**30, "estimate_gib": est.total_gb}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--configs", default="seq512,seq2048,short")
+    ap.add_argument("--steps", type=int, default=4, help="optimizer steps per run (the first is not timed)")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args()
+
+    import mlx.core as mx
+
+    from mlx_gemma_tune import demo
+
+    path = Path(args.model) if args.model else demo.mlx_model()
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for name in args.configs.split(","):
+            n, batch, seq, pw, aw, pack = CONFIGS[name]
+            rows = make_rows(n, pw, aw, seed=1)
+            data_file = work / f"{name}.jsonl"
+            data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            runs = [("mlx-lm", lambda: run_mlx_lm(path, rows, batch, seq, args.steps, work))]
+            runs.append(("ours", lambda: run_ours(path, data_file, batch, seq, args.steps, work, pack=False,
+                                                  ckpt=False, name=f"{name}-ours")))
+            if pack:
+                runs.append(("ours packed", lambda: run_ours(path, data_file, batch, seq, args.steps, work,
+                                                             pack=True, ckpt=False, name=f"{name}-packed")))
+            else:
+                runs.append(("ours +ckpt", lambda: run_ours(path, data_file, batch, seq, args.steps, work,
+                                                            pack=False, ckpt=True, name=f"{name}-ckpt")))
+            base = None
+            for label, fn in runs:
+                t0 = time.perf_counter()
+                r = fn() | {"config": name, "trainer": label, "batch": batch, "seq": seq, "pack": pack,
+                            "wall_s": time.perf_counter() - t0}
+                base = base or r
+                r["speed_ratio"] = r["useful_tok_s"] / base["useful_tok_s"]
+                r["memory_ratio"] = r["peak_gib"] / base["peak_gib"]
+                results.append(r)
+                print(json.dumps(r), flush=True)
+
+    print(f"\n{path.name}, float32, {mx.default_device()}, {platform.machine()} {platform.system()}, "
+          f"mlx {mx.__version__}, {args.steps} steps per run (first not timed)\n")
+    print("| data | trainer | batch x seq | step | useful tok/s | peak memory | estimate | speed vs mlx-lm "
+          "| memory vs mlx-lm |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        est = f"{r['estimate_gib']:.2f} GiB ({r['estimate_gib'] / r['peak_gib'] - 1:+.0%})" if "estimate_gib" in r else "-"
+        print(f"| {r['config']} | {r['trainer']} | {r['batch']} x {r['seq']} | {r['step_s']:.2f} s | "
+              f"{r['useful_tok_s']:.1f} | {r['peak_gib']:.2f} GiB | {est} | {r['speed_ratio']:.2f}x | "
+              f"{r['memory_ratio']:.2f}x |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Peak-memory estimate of a training step, from the model config and the run's settings.
+
+peak = weights + adapter (parameters, gradients, two AdamW moments, all float32)
+     + activations kept for the backward pass + the loss's logits work.
+
+Activations per token and decoder layer are counted in "widths" of the tensors MLX keeps:
+ACT_LINEAR copies of the layer's hidden / projection / MLP widths and ACT_SCORES copies of the
+attention scores (heads x sequence length: attention is materialised on the backward path).
+With gradient checkpointing only each layer's input is kept, plus one layer being recomputed.
+The loss holds LOGIT_COPIES float32 tensors of tokens x vocabulary: all tokens for the plain
+loss, one slice of `loss_chunk` target tokens for the chunked one. The constants were measured
+with benchmarks/train_speed.py (see benchmarks/README.md); tests/test_memory.py checks the
+estimate against measured peaks on fixtures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+ACT_LINEAR = 6.0  # float-widths of hidden / projection / MLP tensors kept per token per layer
+ACT_SCORES = 4.0  # attention-score tensors (heads x keys) kept per token per layer
+LOGIT_COPIES = 3.0  # float32 (tokens x vocab) tensors alive at the loss's peak
+BUDGET_SHARE = 0.8  # of physical memory, where MLX reports no recommended working set
+GIB = 2**30
+
+
+@dataclass
+class Estimate:
+    weights_gb: float
+    adapter_gb: float
+    activations_gb: float
+    loss_gb: float
+    total_gb: float
+    budget_gb: float | None
+    batch: int
+    seq_len: int
+    grad_checkpoint: bool
+    loss_chunk: int | None
+
+    @property
+    def over_budget(self) -> bool:
+        return self.budget_gb is not None and self.total_gb > self.budget_gb
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"over_budget": self.over_budget}
+
+
+def _widths(text: dict) -> tuple[int, int, int, int]:
+    """(linear width, attention heads, layers, vocabulary) of a text config."""
+    hidden = int(text["hidden_size"])
+    heads = int(text.get("num_attention_heads", 8))
+    head_dim = int(text.get("head_dim") or hidden // heads)
+    kv = int(text.get("num_key_value_heads") or heads)
+    inter = text.get("intermediate_size") or 4 * hidden
+    inter = max(inter) if isinstance(inter, list) else int(inter)
+    if text.get("enable_moe_block") or text.get("num_experts"):  # Gemma 4 MoE: dense MLP + top-k experts
+        inter += int(text.get("moe_intermediate_size") or inter) * int(text.get("top_k_experts") or 1)
+    streams = int(text.get("altup_num_inputs") or 1)  # Gemma 3n carries several hidden streams
+    width = hidden * (2 + streams) + heads * head_dim + 2 * kv * head_dim + 2 * inter
+    return width, heads, int(text["num_hidden_layers"]), int(text["vocab_size"])
+
+
+def estimate(config: dict, *, weight_bytes: int, adapter_parameters: int, batch: int, seq_len: int,
+             loss_chunk: int | None, grad_checkpoint: bool, act_bytes: int = 4, targets: int | None = None,
+             budget_bytes: int | None = None) -> Estimate:
+    """Predicted peak of one training step. targets: target tokens per batch (default: all)."""
+    from mlx_gemma_tune import families
+
+    text = families.text_config(config)
+    width, heads, layers, vocab = _widths(text)
+    tokens = batch * seq_len
+    per_layer = act_bytes * tokens * (ACT_LINEAR * width + ACT_SCORES * heads * seq_len)
+    if grad_checkpoint:
+        activations = act_bytes * tokens * int(text["hidden_size"]) * layers + per_layer
+    else:
+        activations = per_layer * layers
+    if loss_chunk:
+        loss = 4 * LOGIT_COPIES * vocab * min(loss_chunk, targets if targets is not None else tokens)
+    else:
+        loss = 4 * LOGIT_COPIES * vocab * tokens
+    adapter = 4 * 4 * adapter_parameters  # parameters, gradients, AdamW m and v
+    total = weight_bytes + adapter + activations + loss
+    return Estimate(weights_gb=weight_bytes / GIB, adapter_gb=adapter / GIB, activations_gb=activations / GIB,
+                    loss_gb=loss / GIB, total_gb=total / GIB,
+                    budget_gb=(budget_bytes / GIB) if budget_bytes else None, batch=batch, seq_len=seq_len,
+                    grad_checkpoint=grad_checkpoint, loss_chunk=loss_chunk)
+
+
+def budget_bytes() -> int | None:
+    """The machine's memory budget: MLX's recommended working set on a Mac, else a share of RAM."""
+    import mlx.core as mx
+
+    info = mx.device_info() if hasattr(mx, "device_info") else {}
+    if info.get("max_recommended_working_set_size"):
+        return int(info["max_recommended_working_set_size"])
+    from mlx_gemma_tune import doctor
+
+    total = info.get("memory_size") or doctor.total_memory()
+    return int(total * BUDGET_SHARE) if total else None
+
+
+def model_bytes(model) -> int:
+    """Bytes of every array of a loaded model (weights, quantization scales, adapters)."""
+    from mlx.utils import tree_flatten
+
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+def activation_bytes(model) -> int:
+    """Bytes per activation value: the dtype of the model's float weights."""
+    from mlx.utils import tree_flatten
+
+    for _, v in tree_flatten(model.parameters()):
+        if v.dtype.size in (2, 4) and "float" in str(v.dtype):
+            return v.dtype.size
+    return 4
+
+
+def estimate_for_run(prepared, bins=None, grad_checkpoint: bool = False) -> Estimate:
+    """The estimate for a prepared run (session.prepare_run), at its largest micro-batch."""
+    from mlx_gemma_tune import lora
+
+    p = prepared
+    cfg = p.recipe.train
+    if bins is not None:
+        seq_len = max(sum(len(p.train[i].tokens) for i in b) for b in bins)
+        targets = sum(sorted((sum(sum(p.train[i].mask) for i in b) for b in bins), reverse=True)[:cfg.batch_size])
+    else:
+        seq_len = max((len(e.tokens) for e in p.train), default=1)
+        targets = sum(sorted((sum(e.mask) for e in p.train), reverse=True)[:cfg.batch_size])
+    return estimate(p.config, weight_bytes=model_bytes(p.model) - 4 * lora.trainable_parameters(p.model),
+                    adapter_parameters=lora.trainable_parameters(p.model), batch=cfg.batch_size,
+                    seq_len=max(seq_len - 1, 1), loss_chunk=cfg.loss_chunk, grad_checkpoint=grad_checkpoint,
+                    act_bytes=activation_bytes(p.model), targets=targets, budget_bytes=budget_bytes())
