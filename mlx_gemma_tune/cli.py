@@ -98,10 +98,32 @@ def convert(src, out, quantize, group_size, dtype, revision, force, as_json):
 
 
 @cli.command()
+@click.argument("model", required=False)
+@click.option("--recipe", "recipe_ref", default=None,
+              help="With MODEL: estimate a training step's peak memory under this recipe (name or file).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a recipe field (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def doctor(as_json):
-    """Check the environment: versions, MLX device and memory, BLAS speed, optional extras."""
+def doctor(model, recipe_ref, sets, as_json):
+    """Check the environment: versions, MLX device and memory, BLAS speed, optional extras.
+
+    With MODEL and --recipe: the predicted peak memory of training MODEL with that recipe,
+    term by term, against this machine's memory budget.
+    """
     from mlx_gemma_tune import ui
+
+    if model or recipe_ref:
+        from mlx_gemma_tune import memory, session
+
+        if not (model and recipe_ref):
+            raise click.UsageError("the memory estimate needs both MODEL and --recipe")
+        recipe, _ = session.resolve_recipe(recipe_ref, model=model, data="-", sets=sets)
+        with ui.status("Estimating"):
+            est = memory.estimate_for_model(model, recipe)
+        if as_json:
+            ui.print_json(est.to_dict())
+        else:
+            ui.show_memory_estimate(model, est)
+        return
     from mlx_gemma_tune.doctor import run_doctor
 
     report = run_doctor()

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-ACT_LINEAR = 6.0  # float-widths of hidden / projection / MLP tensors kept per token per layer
-ACT_SCORES = 4.0  # attention-score tensors (heads x keys) kept per token per layer
+ACT_LINEAR = 4.0  # float-widths of hidden / projection / MLP tensors kept per token per layer
+ACT_SCORES = 0.5  # attention scores (heads x keys) per token per layer: recomputed in the backward, transient
 LOGIT_COPIES = 3.0  # float32 (tokens x vocab) tensors alive at the loss's peak
 BUDGET_SHARE = 0.8  # of physical memory, where MLX reports no recommended working set
 GIB = 2**30
@@ -132,3 +132,24 @@ def estimate_for_run(prepared, bins=None, grad_checkpoint: bool = False) -> Esti
                     adapter_parameters=lora.trainable_parameters(p.model), batch=cfg.batch_size,
                     seq_len=max(seq_len - 1, 1), loss_chunk=cfg.loss_chunk, grad_checkpoint=grad_checkpoint,
                     act_bytes=activation_bytes(p.model), targets=targets, budget_bytes=budget_bytes())
+
+
+def estimate_for_model(model_path, recipe) -> Estimate:
+    """The estimate for a model directory and a recipe, before any data is read.
+
+    The batch is the recipe's batch_size of full data.max_seq_length rows, every token a target
+    (the worst case); the model's weights are not read (lazy load), only their shapes.
+    """
+    from mlx_gemma_tune import lora, models
+
+    model, config = models.load_model(models.resolve_model_dir(model_path), lazy=True)
+    lo = recipe.lora
+    lora.apply(model, config, lora.LoraSettings(rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout,
+                                                targets=lo.targets, num_layers=lo.num_layers,
+                                                experts=lo.experts, method=lo.method))
+    t = recipe.train
+    adapter = lora.trainable_parameters(model)
+    return estimate(config, weight_bytes=model_bytes(model) - 4 * adapter, adapter_parameters=adapter,
+                    batch=t.batch_size, seq_len=recipe.data.max_seq_length, loss_chunk=t.loss_chunk,
+                    grad_checkpoint=bool(t.grad_checkpoint), act_bytes=activation_bytes(model),
+                    budget_bytes=budget_bytes())

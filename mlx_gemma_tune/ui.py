@@ -176,6 +176,27 @@ def show_doctor(rep) -> None:
         err.print(f"[yellow]warning:[/] {p}", soft_wrap=True)
 
 
+def show_memory_estimate(model: str, est) -> None:
+    t = Table(title=f"Estimated peak memory of a training step: {model}", show_header=False,
+              title_justify="left", box=None, padding=(0, 2))
+    t.add_column(style="bold")
+    t.add_column(justify="right")
+    t.add_column(style="dim")
+    loss = f"chunked, {est.loss_chunk} tokens per slice" if est.loss_chunk else "plain: full logits"
+    t.add_row("Weights", f"{est.weights_gb:.2f} GiB", "")
+    t.add_row("Adapter + optimizer", f"{est.adapter_gb:.2f} GiB", "parameters, gradients, AdamW moments")
+    t.add_row("Activations", f"{est.activations_gb:.2f} GiB",
+              f"batch {est.batch} x {est.seq_len} tokens" + (", gradient checkpointing" if est.grad_checkpoint else ""))
+    t.add_row("Loss (logits)", f"{est.loss_gb:.2f} GiB", loss)
+    t.add_row("Total", f"{est.total_gb:.2f} GiB", "")
+    if est.budget_gb:
+        t.add_row("Budget", f"{est.budget_gb:.2f} GiB", "this machine's recommended working set")
+    out.print(t)
+    if est.over_budget:
+        err.print("[yellow]warning:[/] over budget: lower train.batch_size or data.max_seq_length, set "
+                  "train.grad_checkpoint: true, or quantize the base (model.quantize: 4)", soft_wrap=True)
+
+
 def show_data_report(r) -> None:
     t = Table(title=f"Dataset {r.path}", show_header=False, title_justify="left", box=None, padding=(0, 2))
     t.add_column(style="bold")

@@ -1,0 +1,47 @@
+"""The peak-memory estimate against MLX's measured peak, and `doctor MODEL --recipe`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers import run_cli
+
+
+@pytest.mark.parametrize("batch,seq", [(2, 256), (4, 128)])
+def test_estimate_is_within_15_percent_of_the_measured_peak(batch, seq, hf_model):
+    import mlx.core as mx
+    import mlx.optimizers as optim
+
+    from mlx_gemma_tune import data, lora, memory, models, packing, trainer
+
+    model, config = models.load_model(hf_model("gemma3_text"))
+    mx.random.seed(0)
+    lora.apply(model, config, lora.LoraSettings(rank=8, alpha=16, dropout=0.0))
+    rows = [data.Example(tokens=list(range(3, seq + 4)), mask=[True] * (seq + 1), source="r") for _ in range(batch)]
+    step = trainer.make_step(model, optim.AdamW(learning_rate=1e-4), compile=False)
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    for _ in range(2):
+        step([packing.batch_arrays([[r] for r in rows])])
+    measured = mx.get_peak_memory() / 2**30
+    n = lora.trainable_parameters(model)
+    est = memory.estimate(config, weight_bytes=memory.model_bytes(model) - 4 * n, adapter_parameters=n,
+                          batch=batch, seq_len=seq, loss_chunk=512, grad_checkpoint=False)
+    assert abs(est.total_gb / measured - 1) <= 0.15, (est.total_gb, measured)
+
+
+def test_doctor_prints_the_memory_breakdown_and_warns_over_budget(hf_model):
+    res = run_cli(["doctor", str(hf_model("gemma4_edge")), "--recipe", "gemma4-e2b-lora", "--json"])
+    assert res.exit_code == 0, res.output
+    est = json.loads(res.stdout)
+    assert est["batch"] == 4 and est["seq_len"] == 1024 and est["loss_chunk"] == 512
+    parts = est["weights_gb"] + est["adapter_gb"] + est["activations_gb"] + est["loss_gb"]
+    assert est["total_gb"] == pytest.approx(parts) and est["activations_gb"] > 0
+    res = run_cli(["doctor", str(hf_model("gemma4_edge")), "--recipe", "gemma4-e2b-lora",
+                   "--set", "train.batch_size=4096", "--set", "data.max_seq_length=65536"])
+    assert res.exit_code == 0, res.output
+    assert "Activations" in res.stdout and "over budget" in res.stderr
+    res = run_cli(["doctor", "--recipe", "gemma4-e2b-lora"])
+    assert res.exit_code == 2 and "needs both MODEL and --recipe" in res.stderr
