@@ -359,6 +359,12 @@ class TrainDashboard:
             self.console.print(f"Training {info['modules']} adapted modules ({human_count(info['trainable_parameters'])} "
                                f"trainable parameters) on {info['train_rows']} rows, {info['valid_rows']} validation "
                                f"rows, {self.total} steps{resumed} -> {info['run_dir']}", soft_wrap=True)
+            if info.get("memory_estimate_gb") is not None:
+                packed = f"{info['packed_sequences']} packed sequences; " if info.get("packed_sequences") else ""
+                budget = f" of a {info['memory_budget_gb']:.1f} GiB budget" if info.get("memory_budget_gb") else ""
+                ckpt = "on" if info.get("grad_checkpoint") else "off"
+                self.console.print(f"{packed}estimated peak memory {info['memory_estimate_gb']:.2f} GiB{budget} "
+                                   f"without gradient checkpointing; checkpointing {ckpt}", soft_wrap=True)
             if self.console.is_terminal:
                 from rich.live import Live
                 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn

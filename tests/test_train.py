@@ -149,13 +149,15 @@ class StopAt:
         pass
 
 
-def test_resume_is_exact(hf_model, tmp_path):
+@pytest.mark.parametrize("extra", [(), ("data.pack=true", "data.max_seq_length=128", "train.grad_checkpoint=true")],
+                         ids=["plain", "packed-checkpointed"])
+def test_resume_is_exact(extra, hf_model, tmp_path):
     from mlx_gemma_tune import session, trainer
 
     data = write_jsonl(tmp_path / "chat.jsonl", chat_rows())
     sets = ("train.lr=1e-3", "lora.rank=4", "lora.dropout=0.1", "train.batch_size=2", "train.grad_accumulation=2",
             "train.report_every=1", "train.iters=10", "train.save_every=3", "train.eval_every=5",
-            "data.valid_fraction=0.25")
+            "data.valid_fraction=0.25", *extra)
     full = trainer.run(session.prepare_run(model=str(hf_model("gemma4_moe")), data=str(data),
                                            out=str(tmp_path / "a"), sets=sets))
     assert full.steps == 10 and not full.interrupted
@@ -168,6 +170,9 @@ def test_resume_is_exact(hf_model, tmp_path):
     assert (tmp_path / "b" / "checkpoints" / "step-00000004" / "state.json").is_file()
     res = run_cli(["train", "--resume", tmp_path / "b"])
     assert res.exit_code == 0, res.output
+    assert "estimated peak memory" in res.output
+    if extra:
+        assert "packed sequences" in res.output and "checkpointing on" in res.output
     a, b = train_records(tmp_path / "a"), train_records(tmp_path / "b")
     assert [r["step"] for r in b] == list(range(1, 11))
     for ra, rb in zip(a, b):
