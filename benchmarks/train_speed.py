@@ -38,7 +38,7 @@ RANK = 16
 CONFIGS = {
     # name: (rows, batch, max_seq_length, prompt words, answer words, pack)
     "seq512": (24, 4, 512, (190, 210), (150, 170), False),
-    "seq2048": (8, 1, 2048, (790, 810), (560, 600), False),
+    "seq2048": (8, 1, 2048, (925, 940), (665, 680), False),
     "short": (256, 8, 512, (20, 60), (6, 20), True),
 }
 
@@ -111,19 +111,33 @@ def run_mlx_lm(path: Path, rows: list[dict], batch: int, seq: int, steps: int, w
     return timings.summary() | {"peak_gib": mx.get_peak_memory() / 2**30}
 
 
-def run_ours(path: Path, data_file: Path, batch: int, seq: int, steps: int, work: Path, *, pack: bool,
-             ckpt: bool, name: str) -> dict:
-    import mlx.core as mx
-
-    from mlx_gemma_tune import memory, packing, session, trainer
+def _prepare(path: Path, data_file: Path, batch: int, seq: int, steps: int, work: Path, pack: bool, ckpt: bool,
+             name: str):
+    from mlx_gemma_tune import session
 
     sets = (f"train.iters={steps}", f"train.batch_size={batch}", "train.report_every=1", "train.eval_every=100000",
             "train.save_every=100000", f"train.lr={LR}", "train.warmup_ratio=0", "train.schedule=constant",
             "train.weight_decay=0", "data.valid_fraction=0", f"data.max_seq_length={seq}", f"data.pack={pack}",
             f"train.grad_checkpoint={str(ckpt).lower()}", f"lora.rank={RANK}", f"lora.alpha={2 * RANK}",
             "lora.dropout=0", "train.max_grad_norm=null")
-    prepared = session.prepare_run(model=str(path), data=str(data_file), out=str(work / name), sets=sets,
-                                   force=True)
+    return session.prepare_run(model=str(path), data=str(data_file), out=str(work / name), sets=sets, force=True)
+
+
+def estimate_ours(path: Path, data_file: Path, batch: int, seq: int, work: Path, *, pack: bool, ckpt: bool):
+    from mlx_gemma_tune import memory, packing
+
+    prepared = _prepare(path, data_file, batch, seq, 1, work, pack, ckpt, "estimate")
+    bins = packing.pack([len(e.tokens) for e in prepared.train], seq) if pack else None
+    return memory.estimate_for_run(prepared, bins, grad_checkpoint=ckpt)
+
+
+def run_ours(path: Path, data_file: Path, batch: int, seq: int, steps: int, work: Path, *, pack: bool,
+             ckpt: bool, name: str) -> dict:
+    import mlx.core as mx
+
+    from mlx_gemma_tune import memory, packing, trainer
+
+    prepared = _prepare(path, data_file, batch, seq, steps, work, pack, ckpt, name)
     bins = packing.pack([len(e.tokens) for e in prepared.train], seq) if pack else None
     est = memory.estimate_for_run(prepared, bins, grad_checkpoint=ckpt)
     timings = _Timings()
@@ -139,6 +153,8 @@ def main() -> None:
     ap.add_argument("--configs", default="seq512,seq2048,short")
     ap.add_argument("--steps", type=int, default=4, help="optimizer steps per run (the first is not timed)")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--estimate-only", action="store_true",
+                    help="print memory.py's estimate for each of our runs and exit (no training)")
     args = ap.parse_args()
 
     import mlx.core as mx
@@ -154,6 +170,12 @@ def main() -> None:
             rows = make_rows(n, pw, aw, seed=1)
             data_file = work / f"{name}.jsonl"
             data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            if args.estimate_only:
+                for pk, ck in ((pack, False), (False, not pack)):
+                    est = estimate_ours(path, data_file, batch, seq, work, pack=pk, ckpt=ck)
+                    print(f"{name} pack={pk} grad_checkpoint={ck}: {est.total_gb:.2f} GiB "
+                          f"(weights {est.weights_gb:.2f}, activations {est.activations_gb:.2f}, loss {est.loss_gb:.2f})")
+                continue
             runs = [("mlx-lm", lambda: run_mlx_lm(path, rows, batch, seq, args.steps, work))]
             runs.append(("ours", lambda: run_ours(path, data_file, batch, seq, args.steps, work, pack=False,
                                                   ckpt=False, name=f"{name}-ours")))

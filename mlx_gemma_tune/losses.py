@@ -16,7 +16,7 @@ not computed here.
 
 from __future__ import annotations
 
-DEFAULT_CHUNK = 512  # target tokens per slice of logits (512 x 262,144 x 4 B = 512 MiB)
+DEFAULT_CHUNK = 256  # target tokens per slice of logits (256 x 262,144 x 4 B = 256 MiB per copy)
 SMALL_PAD = 64  # fewer targets than a chunk: pad their count to a multiple of this
 
 

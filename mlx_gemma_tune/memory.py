@@ -7,19 +7,21 @@ Activations per token and decoder layer are counted in "widths" of the tensors M
 ACT_LINEAR copies of the layer's hidden / projection / MLP widths and ACT_SCORES copies of the
 attention scores (heads x sequence length: attention is materialised on the backward path).
 With gradient checkpointing only each layer's input is kept, plus one layer being recomputed.
-The loss holds LOGIT_COPIES float32 tensors of tokens x vocabulary: all tokens for the plain
-loss, one slice of `loss_chunk` target tokens for the chunked one. The constants were measured
-with benchmarks/train_speed.py (see benchmarks/README.md); tests/test_memory.py checks the
-estimate against measured peaks on fixtures.
+The loss holds float32 tensors of tokens x vocabulary: PLAIN_LOGIT_COPIES over all tokens for the
+plain loss, LOGIT_COPIES over one slice of `loss_chunk` target tokens for the chunked one. The constants were fitted to
+benchmarks/train_speed.py's seq512 runs on Gemma 3 270M (with and without checkpointing: 2.85
+widths, 8.6 logit copies) and the fixtures (3.5-4 widths, eager); benchmarks/README.md compares the
+estimate with the measured peak on every benchmark configuration, tests/test_memory.py on fixtures.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-ACT_LINEAR = 4.0  # float-widths of hidden / projection / MLP tensors kept per token per layer
+ACT_LINEAR = 3.0  # float-widths of hidden / projection / MLP tensors kept per token per layer
 ACT_SCORES = 0.5  # attention scores (heads x keys) per token per layer: recomputed in the backward, transient
-LOGIT_COPIES = 3.0  # float32 (tokens x vocab) tensors alive at the loss's peak
+LOGIT_COPIES = 8.5  # float32 (slice x vocab) tensors alive at the chunked loss's peak (logits, softmax, ...)
+PLAIN_LOGIT_COPIES = 3.8  # the same for the plain loss over all tokens (fitted on plain mlx-lm's seq512 run)
 BUDGET_SHARE = 0.8  # of physical memory, where MLX reports no recommended working set
 GIB = 2**30
 
@@ -77,7 +79,7 @@ def estimate(config: dict, *, weight_bytes: int, adapter_parameters: int, batch:
     if loss_chunk:
         loss = 4 * LOGIT_COPIES * vocab * min(loss_chunk, targets if targets is not None else tokens)
     else:
-        loss = 4 * LOGIT_COPIES * vocab * tokens
+        loss = 4 * PLAIN_LOGIT_COPIES * vocab * tokens
     adapter = 4 * 4 * adapter_parameters  # parameters, gradients, AdamW m and v
     total = weight_bytes + adapter + activations + loss
     return Estimate(weights_gb=weight_bytes / GIB, adapter_gb=adapter / GIB, activations_gb=activations / GIB,

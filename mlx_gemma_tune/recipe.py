@@ -75,7 +75,7 @@ class TrainConfig:
     early_stopping_patience: typing.Optional[int] = _f(None, "Stop after this many validations without a new "
                                                         "best validation loss; null = never stop early.")
     compile: bool = _f(True, "Compile the training step with mx.compile (faster); false to debug.")
-    loss_chunk: typing.Optional[int] = _f(512, "Target tokens per slice of logits in the chunked loss (full logits are "
+    loss_chunk: typing.Optional[int] = _f(256, "Target tokens per slice of logits in the chunked loss (full logits are "
                                           "never held); null = the plain loss over full logits.")
     grad_checkpoint: typing.Optional[bool] = _f(None, "Recompute each layer in the backward pass instead of keeping "
                                                 "its activations (less memory, ~25% more compute); null = only "

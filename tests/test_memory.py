@@ -14,7 +14,7 @@ def test_estimate_is_within_15_percent_of_the_measured_peak(batch, seq, hf_model
     import mlx.core as mx
     import mlx.optimizers as optim
 
-    from mlx_gemma_tune import data, lora, memory, models, packing, trainer
+    from mlx_gemma_tune import data, lora, losses, memory, models, packing, trainer
 
     model, config = models.load_model(hf_model("gemma3_text"))
     mx.random.seed(0)
@@ -28,7 +28,7 @@ def test_estimate_is_within_15_percent_of_the_measured_peak(batch, seq, hf_model
     measured = mx.get_peak_memory() / 2**30
     n = lora.trainable_parameters(model)
     est = memory.estimate(config, weight_bytes=memory.model_bytes(model) - 4 * n, adapter_parameters=n,
-                          batch=batch, seq_len=seq, loss_chunk=512, grad_checkpoint=False)
+                          batch=batch, seq_len=seq, loss_chunk=losses.DEFAULT_CHUNK, grad_checkpoint=False)
     assert abs(est.total_gb / measured - 1) <= 0.15, (est.total_gb, measured)
 
 
@@ -36,7 +36,7 @@ def test_doctor_prints_the_memory_breakdown_and_warns_over_budget(hf_model):
     res = run_cli(["doctor", str(hf_model("gemma4_edge")), "--recipe", "gemma4-e2b-lora", "--json"])
     assert res.exit_code == 0, res.output
     est = json.loads(res.stdout)
-    assert est["batch"] == 4 and est["seq_len"] == 1024 and est["loss_chunk"] == 512
+    assert est["batch"] == 4 and est["seq_len"] == 1024 and est["loss_chunk"] == 256
     parts = est["weights_gb"] + est["adapter_gb"] + est["activations_gb"] + est["loss_gb"]
     assert est["total_gb"] == pytest.approx(parts) and est["activations_gb"] > 0
     res = run_cli(["doctor", str(hf_model("gemma4_edge")), "--recipe", "gemma4-e2b-lora",
