@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-ACT_LINEAR = 3.0  # float-widths of hidden / projection / MLP tensors kept per token per layer
-ACT_SCORES = 0.5  # attention scores (heads x keys) per token per layer: recomputed in the backward, transient
-LOGIT_COPIES = 8.5  # float32 (slice x vocab) tensors alive at the chunked loss's peak (logits, softmax, ...)
+ACT_LINEAR = 2.7  # float-widths of hidden / projection / MLP tensors kept per token per layer
+ACT_SCORES = 2.0  # attention-score-sized tensors (heads x keys) per token per layer
+LOGIT_COPIES = 9.0  # float32 (slice x vocab) tensors alive at the chunked loss's peak (logits, softmax, ...)
 PLAIN_LOGIT_COPIES = 3.8  # the same for the plain loss over all tokens (fitted on plain mlx-lm's seq512 run)
 BUDGET_SHARE = 0.8  # of physical memory, where MLX reports no recommended working set
 GIB = 2**30
