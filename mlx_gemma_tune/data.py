@@ -73,18 +73,10 @@ def load_examples(tokenizer, path, max_seq_length: int | None = None, mask_promp
 
 def batches(examples: list[Example], batch_size: int, pad_id: int = 0):
     """Yield (inputs, targets, mask) mlx arrays, right-padded to the longest row of each batch."""
-    import mlx.core as mx
-    import numpy as np
+    from mlx_gemma_tune import packing
 
     for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
-        width = max(len(e.tokens) for e in chunk)
-        toks = np.full((len(chunk), width), pad_id, dtype=np.int32)
-        mask = np.zeros((len(chunk), width), dtype=np.float32)
-        for r, e in enumerate(chunk):
-            toks[r, : len(e.tokens)] = e.tokens
-            mask[r, : len(e.mask)] = e.mask
-        yield mx.array(toks[:, :-1]), mx.array(toks[:, 1:]), mx.array(mask[:, 1:])
+        yield packing.batch_arrays([[e] for e in examples[start:start + batch_size]], pad_id)[:3]
 
 
 def encode_row(tokenizer, row, mask_prompt: bool = True) -> Example:

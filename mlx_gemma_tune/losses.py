@@ -5,10 +5,10 @@ models (2,048 tokens: 2 GiB of float32 logits, plus their gradient). The default
 holds them: it gathers the hidden states of the target tokens only (prompt and padding
 positions need no logits), and applies the LM head, the final soft-cap and the cross-entropy
 to `chunk` of them at a time, in a custom function that computes each slice's gradient while
-its logits exist (the backward pass only scales it). Slices are chained with `mx.depends` so MLX's scheduler (which evaluates up
-to 20 independent branches side by side) cannot run them concurrently; that is why an earlier
-mx.checkpoint version saved only 5%. The value and the gradients equal the plain loss to fp32
-rounding (tests/test_losses.py).
+its logits exist (the backward pass only scales it). Slices are chained with `mx.depends` so
+MLX's scheduler (which evaluates up to 20 independent branches side by side) cannot run them
+concurrently; that is why an earlier mx.checkpoint version saved only 5%. The value and the
+gradients equal the plain loss to fp32 rounding (tests/test_losses.py).
 
 The head must be frozen (it is: LoRA never targets the embedding / LM head); its gradient is
 not computed here.

@@ -8,10 +8,11 @@ ACT_LINEAR copies of the layer's hidden / projection / MLP widths and ACT_SCORES
 attention scores (heads x sequence length: attention is materialised on the backward path).
 With gradient checkpointing only each layer's input is kept, plus one layer being recomputed.
 The loss holds float32 tensors of tokens x vocabulary: PLAIN_LOGIT_COPIES over all tokens for the
-plain loss, LOGIT_COPIES over one slice of `loss_chunk` target tokens for the chunked one. The constants were fitted to
-benchmarks/train_speed.py's seq512 runs on Gemma 3 270M (with and without checkpointing: 2.85
-widths, 8.6 logit copies) and the fixtures (3.5-4 widths, eager); benchmarks/README.md compares the
-estimate with the measured peak on every benchmark configuration, tests/test_memory.py on fixtures.
+plain loss, LOGIT_COPIES over one slice of `loss_chunk` target tokens for the chunked one. The
+constants were fitted to benchmarks/train_speed.py's seq512 and seq2048 runs on Gemma 3 270M, with
+and without gradient checkpointing (within 8% there); short rows (~100 tokens) are overestimated by
+up to ~50%. benchmarks/README.md compares estimate and measured peak per configuration;
+tests/test_memory.py checks two fixture configurations (within 15%).
 """
 
 from __future__ import annotations
@@ -120,8 +121,6 @@ def activation_bytes(model) -> int:
 
 def estimate_for_run(prepared, bins=None, grad_checkpoint: bool = False) -> Estimate:
     """The estimate for a prepared run (session.prepare_run), at its largest micro-batch."""
-    from mlx_gemma_tune import lora
-
     p = prepared
     cfg = p.recipe.train
     if bins is not None:
@@ -130,10 +129,17 @@ def estimate_for_run(prepared, bins=None, grad_checkpoint: bool = False) -> Esti
     else:
         seq_len = max((len(e.tokens) for e in p.train), default=1)
         targets = sum(sorted((sum(e.mask) for e in p.train), reverse=True)[:cfg.batch_size])
-    return estimate(p.config, weight_bytes=model_bytes(p.model) - 4 * lora.trainable_parameters(p.model),
-                    adapter_parameters=lora.trainable_parameters(p.model), batch=cfg.batch_size,
-                    seq_len=max(seq_len - 1, 1), loss_chunk=cfg.loss_chunk, grad_checkpoint=grad_checkpoint,
-                    act_bytes=activation_bytes(p.model), targets=targets, budget_bytes=budget_bytes())
+    return _for_model(p.model, p.config, batch=cfg.batch_size, seq_len=max(seq_len - 1, 1),
+                      loss_chunk=cfg.loss_chunk, grad_checkpoint=grad_checkpoint, targets=targets)
+
+
+def _for_model(model, config: dict, **settings) -> Estimate:
+    """estimate() for a loaded model with its adapter applied (the adapter is float32)."""
+    from mlx_gemma_tune import lora
+
+    adapter = lora.trainable_parameters(model)
+    return estimate(config, weight_bytes=model_bytes(model) - 4 * adapter, adapter_parameters=adapter,
+                    act_bytes=activation_bytes(model), budget_bytes=budget_bytes(), **settings)
 
 
 def estimate_for_model(model_path, recipe) -> Estimate:
@@ -150,8 +156,5 @@ def estimate_for_model(model_path, recipe) -> Estimate:
                                                 targets=lo.targets, num_layers=lo.num_layers,
                                                 experts=lo.experts, method=lo.method))
     t = recipe.train
-    adapter = lora.trainable_parameters(model)
-    return estimate(config, weight_bytes=model_bytes(model) - 4 * adapter, adapter_parameters=adapter,
-                    batch=t.batch_size, seq_len=recipe.data.max_seq_length, loss_chunk=t.loss_chunk,
-                    grad_checkpoint=bool(t.grad_checkpoint), act_bytes=activation_bytes(model),
-                    budget_bytes=budget_bytes())
+    return _for_model(model, config, batch=t.batch_size, seq_len=recipe.data.max_seq_length,
+                      loss_chunk=t.loss_chunk, grad_checkpoint=bool(t.grad_checkpoint))

@@ -42,7 +42,8 @@ class DataConfig:
     overlong: str = _f("truncate", "What to do with rows over max_seq_length.", ("truncate", "drop", "error"))
     mask_prompt: bool = _f(True, "Train only on assistant turns (every turn). false trains on all tokens.")
     pack: bool = _f(False, "Pack several rows into each sequence of up to max_seq_length tokens (attention stays "
-                    "within a row); batch_size then counts packed sequences. Much faster on short rows.")
+                    "within a row); batch_size then counts packed sequences. Pays when padding dominates; the "
+                    "default length-grouped batches were faster on benchmarks/train_speed.py's short rows.")
 
 
 @dataclass
@@ -78,7 +79,7 @@ class TrainConfig:
     loss_chunk: typing.Optional[int] = _f(256, "Target tokens per slice of logits in the chunked loss (full logits are "
                                           "never held); null = the plain loss over full logits.")
     grad_checkpoint: typing.Optional[bool] = _f(None, "Recompute each layer in the backward pass instead of keeping "
-                                                "its activations (less memory, ~25% more compute); null = only "
+                                                "its activations (much less memory, 15-30% slower steps measured); null = only "
                                                 "when the memory estimate exceeds the machine's budget.")
     val_batches: typing.Optional[int] = _f(None, "Limit each validation to this many batches; null = all.")
 
