@@ -21,26 +21,32 @@ SMALL_PAD = 64  # fewer targets than a chunk: pad their count to a multiple of t
 
 
 def split_head(model):
-    """(hidden_fn(inputs, cache=None), head_fn) for a Gemma model: inputs -> final hidden -> logits."""
-    import mlx.core as mx
+    """(hidden_fn(inputs, cache=None), linear_fn, cap) for a Gemma model, or None.
 
+    inputs -> hidden_fn -> final hidden states; linear_fn(h) -> raw logits (tied embedding or LM
+    head); Gemma's final soft-cap (None when the model has none) turns them into the model's
+    logits: tanh(raw / cap) * cap (see head_logits).
+    """
     lm = model
     if hasattr(lm, "language_model") and not hasattr(lm, "lm_head") and hasattr(lm.language_model, "model"):
         lm = lm.language_model  # gemma4 / gemma3 wrappers around the text model
     inner = getattr(getattr(lm, "model", None), "language_model", None)
     if inner is not None and hasattr(inner, "hidden"):  # gemma3n, through our fixed class
-        return (lambda inputs, cache=None: inner.hidden(inputs, cache)), inner.head
+        return ((lambda inputs, cache=None: inner.hidden(inputs, cache)), inner.embed_tokens.as_linear,
+                inner.final_logit_softcapping)
     if not hasattr(lm, "model"):
         return None
-    cap = getattr(lm, "final_logit_softcapping", None)
+    linear = lm.model.embed_tokens.as_linear if getattr(lm, "tie_word_embeddings", True) else lm.lm_head
+    return (lambda inputs, cache=None: lm.model(inputs, cache=cache)), linear, getattr(lm, "final_logit_softcapping",
+                                                                                       None)
 
-    def head(h):
-        out = lm.model.embed_tokens.as_linear(h) if getattr(lm, "tie_word_embeddings", True) else lm.lm_head(h)
-        if cap is not None:
-            out = mx.tanh(out / cap) * cap
-        return out
 
-    return (lambda inputs, cache=None: lm.model(inputs, cache=cache)), head
+def head_logits(linear, cap, h):
+    """The model's float32 logits for final hidden states h."""
+    import mlx.core as mx
+
+    out = linear(h).astype(mx.float32)
+    return out if cap is None else mx.tanh(out / cap) * cap
 
 
 def select_targets(mask, chunk: int = DEFAULT_CHUNK):
@@ -61,19 +67,35 @@ def select_targets(mask, chunk: int = DEFAULT_CHUNK):
     return mx.array(np.pad(idx, (0, size - len(idx)))), mx.array(weights)
 
 
-def _chunked_head_loss(head, chunk: int, grad: bool):
+def _chunked_head_loss(linear, cap, chunk: int, grad: bool):
     """(h (M, D), targets (M,), weights (M,)) -> sum of weighted token losses, one slice at a time.
 
     With grad=True it is a custom function that also computes each slice's gradient with
     respect to h in the forward pass (while that slice's logits exist) and hands it to the
     backward pass: the logits are built once, never kept, and the backward costs nothing.
+    The slice's gradient is written out rather than autodiffed through the cross-entropy:
+    d loss / d logits = w * (softmax - one_hot) * (1 - (logits / cap)^2), then one product with
+    the head's weights (mx.vjp of the linear map alone). That holds ~3 logit-sized arrays at
+    its peak where autodiff of nn.losses.cross_entropy held ~9.
     """
     import mlx.core as mx
-    import mlx.nn as nn
 
     def piece(h, t, w):
-        ce = nn.losses.cross_entropy(head(h).astype(mx.float32), t, reduction="none")
-        return mx.where(w > 0, ce * w, 0.0).sum()
+        z = head_logits(linear, cap, h)
+        ce = mx.logsumexp(z, axis=-1) - mx.take_along_axis(z, t[:, None], axis=-1)[:, 0]
+        return (ce * w).sum()
+
+    def piece_with_grad(h, t, w):
+        z = head_logits(linear, cap, h)
+        lse = mx.logsumexp(z, axis=-1, keepdims=True)
+        zt = mx.take_along_axis(z, t[:, None], axis=-1)
+        value = ((lse - zt)[:, 0] * w).sum()
+        d = mx.softmax(z, axis=-1, precise=True)
+        d = mx.put_along_axis(d, t[:, None], mx.take_along_axis(d, t[:, None], axis=-1) - 1.0, axis=-1)
+        if cap is not None:
+            d = d * (1.0 - mx.square(z / cap))
+        _, (dh,) = mx.vjp(linear, [h], [d.astype(h.dtype)])
+        return value, dh * w[:, None].astype(dh.dtype)  # scaling rows of d = scaling rows of dh
 
     def slices(n):
         return [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
@@ -83,7 +105,7 @@ def _chunked_head_loss(head, chunk: int, grad: bool):
         for s, e in slices(h.shape[0]):
             hs = h[s:e] if prev is None else mx.depends(h[s:e], prev)  # one slice of logits at a time
             if grad:
-                value, g = mx.value_and_grad(piece)(hs, t[s:e], w[s:e])
+                value, g = piece_with_grad(hs, t[s:e], w[s:e])
                 grads.append(g)
                 prev = [value, g]  # both: a pending value would keep this slice's logits alive
             else:
@@ -130,11 +152,11 @@ def masked_cross_entropy(model, inputs, targets, mask, segments=None, chunk: int
         logits = model(inputs, cache=cache).astype(mx.float32)
         ce = nn.losses.cross_entropy(logits, targets, reduction="none")
         return mx.where(mask > 0, ce * mask, 0.0).sum(), mask.sum()
-    hidden_fn, head_fn = parts
+    hidden_fn, linear, cap = parts
     hidden = hidden_fn(inputs, cache)
     idx, weights = selected if selected is not None else select_targets(mask, chunk)
     h = hidden.reshape(-1, hidden.shape[-1])[idx]
-    total = _chunked_head_loss(head_fn, chunk, grad)(h, targets.reshape(-1)[idx], weights)
+    total = _chunked_head_loss(linear, cap, chunk, grad)(h, targets.reshape(-1)[idx], weights)
     return total, mask.sum()
 
 

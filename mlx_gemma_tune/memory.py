@@ -8,11 +8,13 @@ ACT_LINEAR copies of the layer's hidden / projection / MLP widths and ACT_SCORES
 attention scores (heads x sequence length: attention is materialised on the backward path).
 With gradient checkpointing only each layer's input is kept, plus one layer being recomputed.
 The loss holds float32 tensors of tokens x vocabulary: PLAIN_LOGIT_COPIES over all tokens for the
-plain loss, LOGIT_COPIES over one slice of `loss_chunk` target tokens for the chunked one. The
-constants were fitted to benchmarks/train_speed.py's seq512 and seq2048 runs on Gemma 3 270M, with
-and without gradient checkpointing (within 8% there); short rows (~100 tokens) are overestimated by
-up to ~50%. benchmarks/README.md compares estimate and measured peak per configuration;
-tests/test_memory.py checks two fixture configurations (within 15%).
+plain loss; for the chunked one SLICE_COPIES per slice of `loss_chunk` target tokens, because MLX
+enqueues the next slices' work (and allocates their outputs) before the current one finishes, up
+to MAX_SLICE_COPIES (the loss alone: 1, 2, 3, 4, 6 slices of 256 -> 3, 6, 9, 10, 11 copies; inside
+a training step 3 and 4 slices peaked at ~7.8, since the trunk's work competes for the queue). The
+activation constants were fitted to benchmarks/train_speed.py's seq512 and seq2048 runs on Gemma 3
+270M, with and without gradient checkpointing. benchmarks/README.md compares estimate and measured
+peak per configuration; tests/test_memory.py checks two fixture configurations (within 15%).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from dataclasses import asdict, dataclass
 
 ACT_LINEAR = 2.7  # float-widths of hidden / projection / MLP tensors kept per token per layer
 ACT_SCORES = 2.0  # attention-score-sized tensors (heads x keys) per token per layer
-LOGIT_COPIES = 9.0  # float32 (slice x vocab) tensors alive at the chunked loss's peak (logits, softmax, ...)
+SLICE_COPIES = 3.0  # float32 (slice x vocab) tensors of one slice of the chunked loss (logits, softmax, gradient)
+MAX_SLICE_COPIES = 8.0  # at most this many alive across slices (MLX's run-ahead; measured in training steps)
 PLAIN_LOGIT_COPIES = 3.8  # the same for the plain loss over all tokens (fitted on plain mlx-lm's seq512 run)
 BUDGET_SHARE = 0.8  # of physical memory, where MLX reports no recommended working set
 GIB = 2**30
@@ -78,7 +81,7 @@ def estimate(config: dict, *, weight_bytes: int, adapter_parameters: int, batch:
     else:
         activations = per_layer * layers
     if loss_chunk:
-        loss = 4 * LOGIT_COPIES * vocab * min(loss_chunk, targets if targets is not None else tokens)
+        loss = 4 * vocab * _slice_copies(targets if targets is not None else tokens, loss_chunk)
     else:
         loss = 4 * PLAIN_LOGIT_COPIES * vocab * tokens
     adapter = 4 * 4 * adapter_parameters  # parameters, gradients, AdamW m and v
@@ -87,6 +90,16 @@ def estimate(config: dict, *, weight_bytes: int, adapter_parameters: int, batch:
                     loss_gb=loss / GIB, total_gb=total / GIB,
                     budget_gb=(budget_bytes / GIB) if budget_bytes else None, batch=batch, seq_len=seq_len,
                     grad_checkpoint=grad_checkpoint, loss_chunk=loss_chunk)
+
+
+def _slice_copies(targets: int, chunk: int) -> float:
+    """Slice-sized logit arrays alive at the chunked loss's peak, times the slice size (in tokens)."""
+    from mlx_gemma_tune.losses import SMALL_PAD
+
+    step = chunk if targets > chunk else SMALL_PAD  # losses.select_targets pads the count like this
+    padded = max(step, -(-targets // step) * step)
+    size = min(chunk, padded)
+    return size * min(SLICE_COPIES * (padded // size), MAX_SLICE_COPIES)
 
 
 def budget_bytes() -> int | None:

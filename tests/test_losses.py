@@ -57,5 +57,34 @@ def test_split_head_reproduces_the_model(hf_model):
     x = mx.array([[2, 40, 41, 60, 71, 80, 99, 120]])
     for family in FAMILIES:
         model, _ = models.load_model(hf_model(family))
-        hidden, head = losses.split_head(model)
-        assert float(mx.abs(head(hidden(x)) - model(x)).max()) == 0.0, family
+        hidden, linear, cap = losses.split_head(model)
+        assert float(mx.abs(losses.head_logits(linear, cap, hidden(x)) - model(x)).max()) == 0.0, family
+
+
+@pytest.mark.parametrize("cap", [None, 0.7])
+def test_written_out_slice_gradient_equals_autodiff(cap):
+    """The chunked loss's hand-written gradient (softmax - one-hot, soft-cap derivative, head product)
+    against autodiff of the plain cross-entropy, with a soft-cap small enough to bend the logits."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from mlx_gemma_tune import losses
+
+    mx.random.seed(3)
+    head = nn.Linear(16, 50, bias=False)
+    h = mx.random.normal((21, 16)) * 2.0
+    t = mx.random.randint(0, 50, (21,))
+    w = (mx.arange(21) % 4 != 0).astype(mx.float32)  # some weight-0 positions, like padding
+
+    def plain(h):
+        z = losses.head_logits(head, cap, h)
+        return (nn.losses.cross_entropy(z, t, reduction="none") * w).sum()
+
+    value, grad = mx.value_and_grad(plain)(h)
+    chunked = losses._chunked_head_loss(head, cap, 8, grad=True)
+    value2, grad2 = mx.value_and_grad(lambda h: chunked(h, t, w))(h)
+    assert abs(float(value) - float(value2)) < 1e-5 * abs(float(value))
+    assert float(mx.abs(grad - grad2).max()) < 1e-5 * float(mx.abs(grad).max())
+    if cap is not None:  # the cap bends these logits: ignoring it would be far off
+        uncapped = losses._chunked_head_loss(head, None, 8, grad=True)
+        assert float(mx.abs(mx.grad(lambda h: uncapped(h, t, w))(h) - grad).max()) > 1e-2
