@@ -23,6 +23,8 @@ _DTYPE_BYTES = {
     "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
 }
 # What a conversion needs from the hub: weights, configs, tokenizer. No code files.
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
 
 
@@ -128,10 +130,32 @@ def weight_files(model_dir: Path) -> list[Path]:
     files = sorted(model_dir.glob("model*.safetensors"))
     if not files:
         others = sorted(p.name for p in model_dir.glob("*.safetensors"))
+        pickled = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickled and not others:
+            raise InputError(f"holds {', '.join(pickled)}, a pickled PyTorch checkpoint, and no safetensors",
+                             where=str(model_dir), hint="only safetensors are loaded (unpickling can run code); "
+                             "use the model's safetensors release")
         hint = f"found {', '.join(others)} but weights must be named model*.safetensors" if others else \
-            "only safetensors checkpoints are supported (no .bin/.pt: they would need unpickling)"
+            "only safetensors checkpoints are supported"
         raise InputError("has no model*.safetensors weight files", where=str(model_dir), hint=hint)
     return files
+
+
+def check_float_weights(files: list["WeightFile"], model_dir: Path) -> None:
+    """Refuse a Hugging Face checkpoint whose weight tensors are not floating point (e.g. int8 exports)."""
+    for f in files:
+        for name, (dtype, _shape) in f.tensors.items():
+            if name.endswith("weight") and dtype not in FLOAT_DTYPES:
+                raise InputError(f"tensor '{name}' is {dtype}, not a float type", where=str(model_dir / f.name),
+                                 hint="convert from the original float checkpoint (F32, F16 or BF16)")
+
+
+def load_safetensors(path: Path) -> dict:
+    """mx.load of a safetensors file whose header was checked first (a broken file is named, not a crash)."""
+    import mlx.core as mx
+
+    inspect_weights(Path(path), hash_it=False)
+    return mx.load(str(path))
 
 
 def inspect_weights(path: Path, hash_it: bool = True) -> WeightFile:
@@ -166,6 +190,7 @@ def inspect_weights(path: Path, hash_it: bool = True) -> WeightFile:
             raise InputError(f"is corrupt (bad header entry for '{name}')", where=str(path)) from None
         if not ok:
             raise InputError(f"is corrupt (tensor '{name}' has the wrong byte size)", where=str(path))
+
         tensors[name] = (dtype, list(shape))
         end = max(end, stop)
     if 8 + n + end > size:

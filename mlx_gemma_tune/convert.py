@@ -84,6 +84,7 @@ def convert(
                          hint="copy the tokenizer files of the original model next to config.json")
     say("Checking weight files")
     files = [checkpoint.inspect_weights(p) for p in checkpoint.weight_files(source.path)]
+    checkpoint.check_float_weights(files, source.path)
 
     say("Loading the text model with mlx-lm")
     model, mlx_config, tokenizer = _load(source.path, detected)

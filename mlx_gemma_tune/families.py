@@ -62,12 +62,35 @@ def detect(config: dict, where: str = "config.json") -> Detected:
         )
     for family in FAMILIES:
         if model_type in family.model_types:
+            _check_config(config, where)
             return Detected(family, model_type, _variant(family, config), "text_config" in config)
     raise UnsupportedModelError(
         f"model_type '{model_type}' is not a Gemma model this tool supports",
         where=where,
         hint="supported model_type values: " + ", ".join(SUPPORTED_MODEL_TYPES),
     )
+
+
+REQUIRED_TEXT_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _check_config(config: dict, where: str) -> None:
+    """The fields every tool downstream reads; without them mlx-lm silently uses another model's defaults."""
+    text = text_config(config)
+    missing = [k for k in REQUIRED_TEXT_KEYS if text.get(k) in (None, "")]
+    if missing:
+        section = "text_config." if "text_config" in config else ""
+        raise UnsupportedModelError(f"is missing {', '.join(section + k for k in missing)}", where=where,
+                                    hint="restore the original config.json of this checkpoint")
+    for cfg, prefix in ((config, ""), (text, "text_config.")):
+        for key in ("torch_dtype", "dtype"):
+            value = cfg.get(key)
+            if value is not None and value != "auto" and value not in FLOAT_DTYPES:
+                raise UnsupportedModelError(f"{prefix if cfg is not config else ''}{key} is '{value}', not a float "
+                                            "type", where=where,
+                                            hint=f"Gemma weights are {', '.join(FLOAT_DTYPES)}; restore the "
+                                                 "original config.json")
 
 
 def _variant(family: Family, config: dict) -> str:

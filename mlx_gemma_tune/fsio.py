@@ -60,6 +60,8 @@ def check_output_dir(out: Path, *, force: bool, inputs: tuple[Path, ...] = ()) -
     parent = out.parent
     while not parent.exists():
         parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"cannot be created: {parent} is a file", where=str(out), hint="choose another path")
     if not os.access(parent, os.W_OK):
         raise OutputError(f"cannot be created: {parent} is not writable", where=str(out))
 

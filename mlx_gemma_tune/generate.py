@@ -48,7 +48,7 @@ def resolve_target(model_or_run: str) -> tuple[str, Path | None]:
         r = recipe.build(recipe.read_yaml(p / "recipe.yaml"), source=str(p / "recipe.yaml"))
         return str(convert.ensure_base(r.model.path, r.model.quantize)), p
     if (p / "recipe.yaml").is_file():
-        raise InputError("is a run directory without an adapter yet", where=str(p),
+        raise InputError("is a run directory without an adapter (adapters.safetensors) yet", where=str(p),
                          hint="wait for its first checkpoint, or resume it with `mlx-gemma-tune train --resume`")
     return str(p), None
 

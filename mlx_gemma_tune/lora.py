@@ -125,20 +125,29 @@ def adapter_config(model, settings: LoraSettings) -> dict:
     }
 
 
-def load(model, config: dict, adapter_dir: Path) -> LoraSettings:
-    """Wrap `model` as the adapter in `adapter_dir` says and load its weights."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-
+def read_config(adapter_dir: Path) -> dict:
+    """The adapter_config.json of an adapter directory (which must also hold its weights), or a clear error."""
     adapter_dir = Path(adapter_dir)
     cfg_path = adapter_dir / ADAPTER_CONFIG
     if not cfg_path.is_file() or not (adapter_dir / ADAPTER_WEIGHTS).is_file():
         raise InputError(f"is not an adapter directory (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})",
                          where=str(adapter_dir))
     try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"is not valid JSON (line {exc.lineno}: {exc.msg})", where=str(cfg_path)) from None
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        why = f"line {exc.lineno}: {exc.msg}" if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+        raise InputError(f"is not valid JSON ({why})", where=str(cfg_path)) from None
+    if not isinstance(cfg, dict):
+        raise InputError("must hold a JSON object", where=str(cfg_path))
+    return cfg
+
+
+def load(model, config: dict, adapter_dir: Path) -> LoraSettings:
+    """Wrap `model` as the adapter in `adapter_dir` says and load its weights."""
+    from mlx.utils import tree_flatten
+
+    adapter_dir = Path(adapter_dir)
+    cfg = read_config(adapter_dir)
     ours = cfg.get("mlx_gemma_tune")
     if ours:
         known = {k: v for k, v in ours.items() if k in LoraSettings.__dataclass_fields__}
@@ -161,7 +170,9 @@ def load(model, config: dict, adapter_dir: Path) -> LoraSettings:
         raise InputError(f"adapter targets {len(absent)} modules this model does not have (e.g. '{absent[0]}')",
                          where=str(adapter_dir), hint=trained_on)
     apply(model, config, settings)
-    weights = mx.load(str(adapter_dir / ADAPTER_WEIGHTS))
+    from mlx_gemma_tune.checkpoint import load_safetensors
+
+    weights = load_safetensors(adapter_dir / ADAPTER_WEIGHTS)
     params = dict(tree_flatten(model.trainable_parameters()))
     for name, w in weights.items():
         if name in params and params[name].shape != w.shape:

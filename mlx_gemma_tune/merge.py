@@ -76,7 +76,9 @@ def fuse(run_dir: str, out: str, *, requantize: int | None = None, group_size: i
 
 
 def lora_module_paths(adapter_dir: Path) -> list[str]:
-    cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    from mlx_gemma_tune import lora
+
+    cfg = lora.read_config(Path(adapter_dir))
     return list((cfg.get("mlx_gemma_tune") or {}).get("modules") or [])
 
 

@@ -289,6 +289,10 @@ def load_model(path: Path, *, lazy: bool = False):
     from mlx_lm.utils import _get_classes, load_config
     from mlx_lm.utils import load_model as mlx_load_model
 
+    from mlx_gemma_tune import checkpoint
+
+    for f in checkpoint.weight_files(Path(path)):  # headers only: name a truncated or corrupt file
+        checkpoint.inspect_weights(f, hash_it=False)
     raw = load_config(Path(path))
     if raw.get("model_type") == "gemma3n_text":
         text = {k: v for k, v in raw.items() if k not in ("architectures", "eos_token_id")}

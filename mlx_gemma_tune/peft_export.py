@@ -29,7 +29,7 @@ def export_peft(run_dir: str, out: str, *, base: str | None = None, force: bool 
     source_config = checkpoint.read_config(source)
     model_type = source_config["model_type"]
     _prefixes(model_type)
-    cfg = json.loads((adapter / lora.ADAPTER_CONFIG).read_text())
+    cfg = lora.read_config(adapter)
     settings = lora.LoraSettings(**{k: v for k, v in (cfg.get("mlx_gemma_tune") or {}).items()
                                     if k in lora.LoraSettings.__dataclass_fields__})
     if not settings.modules:
@@ -37,7 +37,7 @@ def export_peft(run_dir: str, out: str, *, base: str | None = None, force: bool 
     if settings.experts or any(".experts." in m for m in settings.modules):
         raise UserError("adapters on MoE experts have no PEFT equivalent (transformers keeps the experts as fused "
                         "3-D parameters)", where=str(run_dir), hint="use --format hf for a merged checkpoint")
-    weights = mx.load(str(adapter / lora.ADAPTER_WEIGHTS))
+    weights = checkpoint.load_safetensors(adapter / lora.ADAPTER_WEIGHTS)
     tensors, targets = {}, []
     for path in settings.modules:
         hf_path = to_hf_key(model_type, path + ".weight")[: -len(".weight")]

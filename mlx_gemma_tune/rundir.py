@@ -16,7 +16,7 @@ import os
 import shutil
 from pathlib import Path
 
-from mlx_gemma_tune import fsio
+from mlx_gemma_tune import checkpoint, fsio
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -53,11 +53,10 @@ def write_checkpoint(run: Path, step: int, model, settings, optimizer, state: di
 
 def read_checkpoint(path: Path) -> tuple[dict, dict]:
     """(trainer state, optimizer state tree) of a checkpoint."""
-    import mlx.core as mx
     from mlx.utils import tree_unflatten
 
     state = json.loads((Path(path) / "state.json").read_text())
-    opt = tree_unflatten(list(mx.load(str(Path(path) / "optimizer.safetensors")).items()))
+    opt = tree_unflatten(list(checkpoint.load_safetensors(Path(path) / "optimizer.safetensors").items()))
     return state, opt
 
 

@@ -83,7 +83,7 @@ def prepare_run(recipe_ref: str | None = None, *, model: str | None = None, data
 
     splits = dataset_files.read_splits(recipe.data.path)
     say("Preparing the base model")
-    from mlx_gemma_tune import convert, lora, models
+    from mlx_gemma_tune import checkpoint, convert, lora, models
 
     base = convert.ensure_base(recipe.model.path, recipe.model.quantize, progress=say)
     say("Loading the base model")
@@ -100,7 +100,8 @@ def prepare_run(recipe_ref: str | None = None, *, model: str | None = None, data
                                  base_model=recipe.model.path)
     lora.apply(model_obj, config, settings)
     if resume_from is not None:
-        model_obj.load_weights(list(mx.load(str(resume_from / lora.ADAPTER_WEIGHTS)).items()), strict=False)
+        model_obj.load_weights(list(checkpoint.load_safetensors(resume_from / lora.ADAPTER_WEIGHTS).items()),
+                               strict=False)
     else:
         if run_dir.exists() and force:
             shutil.rmtree(run_dir) if run_dir.is_dir() else run_dir.unlink()

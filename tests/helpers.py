@@ -14,11 +14,22 @@ def run_cli(args: list[str], env: dict | None = None, input: str | None = None):
     return CliRunner().invoke(cli, [str(a) for a in args], env=env, input=input, catch_exceptions=False)
 
 
-def snapshot(root: Path) -> dict[str, str]:
-    """Every file under root with its content hash, to prove nothing was written or changed."""
+def snapshot(root: Path, quick: bool = False) -> dict[str, str]:
+    """Every file under root with its content hash, to prove nothing was written or changed.
+
+    quick: (size, mtime, inode) instead of the hash, for large trees (any write or atomic
+    replace changes one of them).
+    """
     root = Path(root)
+
+    def key(p: Path) -> str:
+        if quick:
+            st = p.stat()
+            return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+        return hashlib.sha256(p.read_bytes()).hexdigest()
+
     return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        str(p.relative_to(root)): key(p)
         for p in sorted(root.rglob("*"))
         if p.is_file()
     } | {str(p.relative_to(root)) + "/": "dir" for p in root.rglob("*") if p.is_dir()}
