@@ -220,6 +220,8 @@ def train(recipe, model, data, out, sets, quantize, mask_prompt, resume, force, 
                       ("dropped", "rows dropped")):
         if prepared.notes.get(key):
             ui.err.print(f"note: {prepared.notes[key]} {what}", soft_wrap=True)
+    if resume and prepared.resume_from is None:
+        ui.err.print("note: the run has no complete checkpoint yet; it starts again from step 0", soft_wrap=True)
     with ui.TrainDashboard(console=ui.err if as_json else None) as dashboard:
         summary = run(prepared, callback=dashboard)
     hint = None

@@ -1,8 +1,10 @@
 """Writes that never leave a half-written file or destroy existing output.
 
 A file is written to a temporary name in the same directory, fsynced, then renamed
-over its target. A whole output directory is built under a hidden temporary name
-beside it and only renamed into place when complete.
+over its target (and the directory fsynced). A whole output directory is built under a
+hidden temporary name beside it, fsynced, and only renamed into place when complete.
+A process killed midway leaves at most hidden leftovers (`is_leftover`), which
+`remove_leftovers` clears; a full disk becomes one OutputError naming the file.
 """
 
 from __future__ import annotations
@@ -18,18 +20,43 @@ from typing import Iterator
 from mlx_gemma_tune.errors import OutputError
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+TEMP_MARKERS = (".partial-", ".old-", ".tmp")  # in the hidden names of our unfinished writes
+
+
+def is_leftover(path: Path) -> bool:
+    """A hidden temporary file or directory of ours, left behind by a killed process."""
+    name = Path(path).name
+    return name.startswith(".") and any(m in name for m in TEMP_MARKERS)
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a directory's entries (renames), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_with(path: Path, write) -> None:
+    """write(temp_path) creates the file's content; it then replaces `path` whole, durably."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        write(Path(tmp))
+        fsync_path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+        fsync_path(path.parent)
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if _is_disk_full(exc):
+            raise _disk_full(exc, path) from exc
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write_with(path, lambda tmp: tmp.write_bytes(data))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -79,6 +106,9 @@ def staged_dir(out: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         yield tmp
+        for f in tmp.rglob("*"):  # every byte on disk before the directory takes its name
+            fsync_path(f)
+        fsync_path(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / "x")
@@ -86,9 +116,56 @@ def staged_dir(out: Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
-    except BaseException:
+        fsync_path(out.parent)
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _is_disk_full(exc):
+            raise _disk_full(exc, out) from exc
         raise
+
+
+def remove_dir(path: Path) -> None:
+    """Delete a directory so that a kill midway leaves a hidden leftover, never a half-deleted `path`."""
+    path = Path(path)
+    doomed = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+    os.replace(path, doomed / "x")
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def remove_leftovers(root: Path) -> list[Path]:
+    """Delete the hidden temporary files and directories that killed writes left under root."""
+    found = [p for p in Path(root).rglob(".*") if is_leftover(p) and not any(is_leftover(a) for a in p.parents)]
+    for p in found:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return found
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC / EDQUOT, or MLX's own failed write ("[write] Unable to write N bytes to file.")."""
+    import errno
+
+    if isinstance(exc, OutputError):
+        return False  # already explained
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("no space left" in text or "unable to write" in text)
+
+
+def _disk_full(exc: BaseException, path: Path) -> OutputError:
+    try:
+        free = f"{shutil.disk_usage(Path(path).parent).free / 2**20:,.0f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return OutputError(f"could not be written: no space left on the disk ({free}); nothing was replaced",
+                       where=str(path), hint="free some space and run the command again")
+
+
+def disk_full_error(exc: BaseException, path: Path) -> OutputError | None:
+    """The one-line error for a write that failed because the disk is full, else None."""
+    if isinstance(exc, OutputError) and "no space left" in exc.message:
+        return exc
+    return _disk_full(exc, path) if _is_disk_full(exc) else None
 
 
 def dir_size(path: Path) -> int:

@@ -222,8 +222,22 @@ def build(raw: dict | None = None, overrides: dict[str, object] | None = None, s
     return Recipe(**sections)
 
 
+# Names other trainers (transformers, PEFT, mlx-lm) use for our fields.
+OTHER_NAMES = {"learning_rate": "train.lr", "lr_scheduler_type": "train.schedule", "lr_schedule": "train.schedule",
+               "num_train_epochs": "train.epochs", "num_epochs": "train.epochs", "max_steps": "train.iters",
+               "per_device_train_batch_size": "train.batch_size",
+               "gradient_accumulation_steps": "train.grad_accumulation", "max_grad_norm": "train.max_grad_norm",
+               "r": "lora.rank", "lora_r": "lora.rank", "lora_rank": "lora.rank", "lora_alpha": "lora.alpha",
+               "lora_dropout": "lora.dropout", "target_modules": "lora.targets", "use_dora": "lora.method",
+               "max_seq_len": "data.max_seq_length", "max_length": "data.max_seq_length",
+               "max_seq_length": "data.max_seq_length", "packing": "data.pack",
+               "gradient_checkpointing": "train.grad_checkpoint", "warmup_steps": "train.warmup_ratio"}
+
+
 def _unknown(key: str, known: list[str], what: str) -> str:
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    alias = OTHER_NAMES.get(key.rsplit(".", 1)[-1])
+    close = [alias] if alias and alias in known and alias != key else \
+        difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     if not close and "." in key:  # a misspelt leaf, or the right leaf in the wrong section
         leaves = {k.rsplit(".", 1)[1]: k for k in known}
         leaf = difflib.get_close_matches(key.rsplit(".", 1)[1], list(leaves), n=1, cutoff=0.6)

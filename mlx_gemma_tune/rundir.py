@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 from mlx_gemma_tune import checkpoint, fsio
@@ -64,7 +63,7 @@ def prune_checkpoints(run: Path, keep: int, protect: Path | None = None) -> None
     done = list_checkpoints(run)
     for p in done[:-keep] if keep else done:
         if protect is None or p.resolve() != Path(protect).resolve():
-            shutil.rmtree(p, ignore_errors=True)
+            fsio.remove_dir(p)
 
 
 def publish_adapter(run: Path, source: Path) -> None:
@@ -134,7 +133,5 @@ def plot_losses(run: Path, records: list[dict]) -> Path | None:
             cx, cy = to_px(x, y)
             d.ellipse([cx - 2, cy - 2, cx + 2, cy + 2], fill=colour)
     out = Path(run) / "loss.png"
-    tmp = out.with_name(".loss.png.tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, out)
+    fsio.atomic_write_with(out, lambda tmp: img.save(tmp, format="PNG"))
     return out

@@ -6,12 +6,12 @@ directory is created, so a refused run writes nothing.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
+from mlx_gemma_tune import fsio
 from mlx_gemma_tune import recipe as recipes
 from mlx_gemma_tune.errors import InputError, OutputError, UserError
 
@@ -61,11 +61,9 @@ def prepare_run(recipe_ref: str | None = None, *, model: str | None = None, data
         if not (run_dir / "recipe.yaml").is_file():
             raise InputError("is not a run directory (no recipe.yaml)", where=str(run_dir))
         recipe = recipes.build(recipes.read_yaml(run_dir / "recipe.yaml"), source=str(run_dir / "recipe.yaml"))
+        fsio.remove_leftovers(run_dir)  # what a killed run was writing: never complete, never used
         done = rundir.list_checkpoints(run_dir)
-        if not done:
-            raise InputError("has no complete checkpoint to resume from", where=str(run_dir),
-                             hint="start it again with --force")
-        resume_from = done[-1]
+        resume_from = done[-1] if done else None  # killed before its first checkpoint: start again
     else:
         recipe, name = resolve_recipe(recipe_ref, model=model, data=data, sets=sets)
         run_dir = Path(out).expanduser() if out else Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -102,12 +100,10 @@ def prepare_run(recipe_ref: str | None = None, *, model: str | None = None, data
     if resume_from is not None:
         model_obj.load_weights(list(checkpoint.load_safetensors(resume_from / lora.ADAPTER_WEIGHTS).items()),
                                strict=False)
-    else:
+    elif not resume:
         if run_dir.exists() and force:
-            shutil.rmtree(run_dir) if run_dir.is_dir() else run_dir.unlink()
+            fsio.remove_dir(run_dir) if run_dir.is_dir() else run_dir.unlink()
         run_dir.mkdir(parents=True, exist_ok=True)
-        from mlx_gemma_tune import fsio
-
         header = ("# The resolved recipe of this run: defaults < recipe < flags and --set.\n"
                   f"# Continue it with: mlx-gemma-tune train --resume {run_dir}\n")
         fsio.atomic_write_text(run_dir / "recipe.yaml", recipes.to_yaml(recipe, header))

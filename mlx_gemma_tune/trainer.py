@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from mlx_gemma_tune import losses
-from mlx_gemma_tune.errors import UserError
+from mlx_gemma_tune import fsio, losses
+from mlx_gemma_tune.errors import OutputError, UserError
 
 EMA = 0.9  # smoothing of the displayed training loss
 
@@ -321,6 +321,14 @@ def run(prepared, *, callback=None, control: Control | None = None) -> TrainSumm
             if control.stop_requested:
                 interrupted = step < total
                 break
+    except (OSError, RuntimeError, UserError) as exc:
+        full = fsio.disk_full_error(exc, run_dir)
+        if full is None:
+            raise
+        kept = f"the last complete checkpoint, {last_ckpt}, is intact" if last_ckpt else "no checkpoint was complete"
+        raise OutputError(f"{full.message.replace('; nothing was replaced', '')} at step {state['step']}; {kept}",
+                          where=full.where, hint=f"free some space, then: mlx-gemma-tune train --resume {run_dir}"
+                          ) from None
     finally:
         _restore_sigint(previous_handler)
         model.eval()
@@ -336,8 +344,6 @@ def run(prepared, *, callback=None, control: Control | None = None) -> TrainSumm
         best_val_loss=state["best_val_loss"], best_step=state["best_step"],
         adapter_from_step=state["adapter_from_step"], stopped_early=stopped_early, interrupted=interrupted,
         seconds=round(time.monotonic() - started, 2), tokens=state["tokens"])
-    from mlx_gemma_tune import fsio
-
     fsio.atomic_write_json(run_dir / "summary.json", summary.to_dict())
     emit.event("end", summary.to_dict())
     return summary
