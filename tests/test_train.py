@@ -441,7 +441,8 @@ def test_qlora_on_the_fly_is_cached(hf_model, tmp_path, monkeypatch):
     assert config["quantization"]["bits"] == 4
 
 
-def test_nan_in_a_run_stops_with_step_and_last_checkpoint(hf_model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["loss", "gradient"])
+def test_nan_in_a_run_stops_with_step_and_last_checkpoint(where, hf_model, tmp_path, monkeypatch):
     import mlx.core as mx
 
     from mlx_gemma_tune import losses
@@ -449,17 +450,22 @@ def test_nan_in_a_run_stops_with_step_and_last_checkpoint(hf_model, tmp_path, mo
     real = losses.masked_cross_entropy
     calls = {"n": 0}
 
-    def poisoned(*args, **kwargs):  # the 5th forward (step 5) returns NaN
+    def poisoned(*args, **kwargs):  # the 5th forward (step 5): a NaN loss, or a finite loss with NaN gradients
         calls["n"] += 1
         total, count = real(*args, **kwargs)
-        return (total * mx.array(float("nan")) if calls["n"] == 5 else total), count
+        if calls["n"] != 5:
+            return total, count
+        if where == "loss":
+            return total * mx.array(float("nan")), count
+        return total + 0.0 * mx.sqrt(mx.abs(total - mx.stop_gradient(total))), count  # d sqrt(0) = inf, x 0 = NaN
 
     monkeypatch.setattr(losses, "masked_cross_entropy", poisoned)
     data = write_jsonl(tmp_path / "chat.jsonl", chat_rows())
     run = tmp_path / "run"
     res = run_cli(["train", "--model", hf_model("gemma3_text"), "--data", data, "-o", run, *FAST,
                    "--set", "train.iters=10", "--set", "train.save_every=2", "--set", "data.valid_fraction=0"])
-    line = assert_one_line_error(res, "step 5", "loss is nan", "not updated", str(run / "checkpoints" / "step-00000004"))
+    what = "loss is nan" if where == "loss" else "gradient norm is nan"
+    line = assert_one_line_error(res, "step 5", what, "not updated", str(run / "checkpoints" / "step-00000004"))
     assert "train.lr" in line
     assert (run / "checkpoints" / "step-00000004" / "state.json").is_file()
     assert len(train_records(run)) == 4  # nothing recorded for the poisoned step
