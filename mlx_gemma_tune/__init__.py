@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    """The Python API, imported on first use: export_hf, export_peft, fuse."""
+    """The Python API, imported on first use: export_hf, export_peft, export_gguf, fuse."""
     if name == "export_hf":
         from mlx_gemma_tune.export import export_hf
 
@@ -17,6 +17,10 @@ def __getattr__(name):
         from mlx_gemma_tune.peft_export import export_peft
 
         return export_peft
+    if name == "export_gguf":
+        from mlx_gemma_tune.gguf_export import export_gguf
+
+        return export_gguf
     if name == "fuse":
         from mlx_gemma_tune.merge import fuse
 

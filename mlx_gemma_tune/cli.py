@@ -441,28 +441,40 @@ def fuse(run_dir, out, mode, group_size, base, force, as_json):
 
 @cli.command()
 @click.argument("run_or_fused", type=click.Path(file_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["hf", "peft"]), required=True,
-              help="hf: a transformers checkpoint of the original class; peft: a PEFT LoRA/DoRA adapter.")
-@click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["hf", "peft", "gguf"]), required=True,
+              help="hf: a transformers checkpoint of the original class; peft: a PEFT LoRA/DoRA adapter; "
+                   "gguf: one file for llama.cpp / Ollama (Gemma 3).")
+@click.option("-o", "--output", "out", required=True, type=click.Path(),
+              help="A directory (hf, peft) or a .gguf file (gguf).")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None,
               help="hf: dtype of the exported weights (default: the source checkpoint's).")
+@click.option("--outtype", type=click.Choice(["f16", "bf16", "q8_0"]), default=None,
+              help="gguf: type of the weight matrices (norms stay float32)  [default: f16]")
+@click.option("--ollama", is_flag=True, help="gguf: also write an Ollama Modelfile next to the file.")
 @click.option("--verify", is_flag=True, help="hf: load the export with transformers and compare logits with MLX.")
 @click.option("--base", default=None, type=click.Path(file_okay=False),
               help="The original Hugging Face checkpoint, if it moved since convert.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def export(run_or_fused, fmt, out, dtype, verify, base, force, as_json):
-    """Export a run (or a fused model) back to Hugging Face: a checkpoint or a PEFT adapter."""
+def export(run_or_fused, fmt, out, dtype, outtype, ollama, verify, base, force, as_json):
+    """Export a run (or a fused model): a Hugging Face checkpoint, a PEFT adapter or a GGUF file."""
     from mlx_gemma_tune import ui
     from mlx_gemma_tune import export as ex
 
+    if (outtype or ollama) and fmt != "gguf":
+        raise click.UsageError("--outtype and --ollama apply to --format gguf")
+    if (dtype or verify) and fmt != "hf":
+        raise click.UsageError("--dtype and --verify apply to --format hf")
     with ui.status("Exporting") as progress:
         if fmt == "hf":
             result = ex.export_hf(run_or_fused, out, dtype=dtype, base=base, verify=verify, force=force,
                                   progress=progress)
+        elif fmt == "gguf":
+            from mlx_gemma_tune.gguf_export import export_gguf
+
+            result = export_gguf(run_or_fused, out, outtype=outtype or "f16", base=base, ollama=ollama,
+                                 force=force, progress=progress)
         else:
-            if dtype or verify:
-                raise click.UsageError("--dtype and --verify apply to --format hf")
             from mlx_gemma_tune.peft_export import export_peft
 
             result = export_peft(run_or_fused, out, base=base, force=force)

@@ -279,7 +279,7 @@ def show_fuse(r) -> None:
 
 
 def show_export(r) -> None:
-    what = "Hugging Face checkpoint" if r.format == "hf" else "PEFT adapter"
+    what = {"hf": "Hugging Face checkpoint", "peft": "PEFT adapter", "gguf": f"GGUF file ({r.dtype})"}[r.format]
     out.print(f"Exported a {what} -> {r.output} ({r.tensors} tensors, {human_bytes(r.size_bytes)}, {r.seconds:.1f} s)",
               soft_wrap=True)
     if r.restored:
