@@ -83,12 +83,12 @@ def _check_config(config: dict, where: str) -> None:
         section = "text_config." if "text_config" in config else ""
         raise UnsupportedModelError(f"is missing {', '.join(section + k for k in missing)}", where=where,
                                     hint="restore the original config.json of this checkpoint")
-    for cfg, prefix in ((config, ""), (text, "text_config.")):
+    sections = [(config, "")] + ([(text, "text_config.")] if text is not config else [])
+    for cfg, prefix in sections:
         for key in ("torch_dtype", "dtype"):
             value = cfg.get(key)
             if value is not None and value != "auto" and value not in FLOAT_DTYPES:
-                raise UnsupportedModelError(f"{prefix if cfg is not config else ''}{key} is '{value}', not a float "
-                                            "type", where=where,
+                raise UnsupportedModelError(f"{prefix}{key} is '{value}', not a float type", where=where,
                                             hint=f"Gemma weights are {', '.join(FLOAT_DTYPES)}; restore the "
                                                  "original config.json")
 

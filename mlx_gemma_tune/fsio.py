@@ -51,7 +51,7 @@ def atomic_write_with(path: Path, write) -> None:
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         if _is_disk_full(exc):
-            raise _disk_full(exc, path) from exc
+            raise _disk_full(path) from exc
         raise
 
 
@@ -120,7 +120,7 @@ def staged_dir(out: Path) -> Iterator[Path]:
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if _is_disk_full(exc):
-            raise _disk_full(exc, out) from exc
+            raise _disk_full(out) from exc
         raise
 
 
@@ -152,20 +152,25 @@ def _is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("no space left" in text or "unable to write" in text)
 
 
-def _disk_full(exc: BaseException, path: Path) -> OutputError:
+def _free(path: Path) -> str:
     try:
-        free = f"{shutil.disk_usage(Path(path).parent).free / 2**20:,.0f} MiB free"
+        return f"{shutil.disk_usage(Path(path).parent).free / 2**20:,.0f} MiB free"
     except OSError:
-        free = "free space unknown"
-    return OutputError(f"could not be written: no space left on the disk ({free}); nothing was replaced",
+        return "free space unknown"
+
+
+def _disk_full(path: Path) -> OutputError:
+    return OutputError(f"could not be written: no space left on the disk ({_free(path)}); nothing was replaced",
                        where=str(path), hint="free some space and run the command again")
 
 
-def disk_full_error(exc: BaseException, path: Path) -> OutputError | None:
-    """The one-line error for a write that failed because the disk is full, else None."""
+def disk_full(exc: BaseException, default_path: Path) -> tuple[str, str] | None:
+    """(where, "no space left on the disk (N MiB free)") when exc is a full disk, else None."""
     if isinstance(exc, OutputError) and "no space left" in exc.message:
-        return exc
-    return _disk_full(exc, path) if _is_disk_full(exc) else None
+        return exc.where or str(default_path), f"no space left on the disk ({_free(Path(exc.where or default_path))})"
+    if _is_disk_full(exc):
+        return str(default_path), f"no space left on the disk ({_free(default_path)})"
+    return None
 
 
 def dir_size(path: Path) -> int:

@@ -322,13 +322,12 @@ def run(prepared, *, callback=None, control: Control | None = None) -> TrainSumm
                 interrupted = step < total
                 break
     except (OSError, RuntimeError, UserError) as exc:
-        full = fsio.disk_full_error(exc, run_dir)
+        full = fsio.disk_full(exc, run_dir)
         if full is None:
             raise
         kept = f"the last complete checkpoint, {last_ckpt}, is intact" if last_ckpt else "no checkpoint was complete"
-        raise OutputError(f"{full.message.replace('; nothing was replaced', '')} at step {state['step']}; {kept}",
-                          where=full.where, hint=f"free some space, then: mlx-gemma-tune train --resume {run_dir}"
-                          ) from None
+        raise OutputError(f"could not be written: {full[1]} at step {state['step']}; {kept}", where=full[0],
+                          hint=f"free some space, then: mlx-gemma-tune train --resume {run_dir}") from None
     finally:
         _restore_sigint(previous_handler)
         model.eval()
