@@ -4,7 +4,8 @@
     bash scripts/test.sh -m slow tests/test_gguf_llama_cpp.py
 
 Trains a short LoRA on the bundled Gemma 3 270M, exports it to GGUF (f16), and checks that
-llama.cpp's greedy continuation of a held-out prompt equals our fused MLX model's for 16 tokens.
+llama.cpp tokenizes a held-out chat prompt to the same ids and that its greedy continuation equals
+our fused MLX model's for 16 tokens.
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ def test_llama_cpp_greedy_output_equals_mlx(tmp_path):
         ours.append(int(token))
 
     llm = llama_cpp.Llama(model_path=str(tmp_path / "tuned.gguf"), n_ctx=512, n_threads=2, verbose=False)
+    # llama.cpp tokenizes the rendered prompt with the exported vocabulary exactly as the HF tokenizer does
+    text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+                                         tokenize=False)
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
     theirs = []
     for token in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
         theirs.append(int(token))
