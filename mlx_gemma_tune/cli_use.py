@@ -1,0 +1,189 @@
+"""CLI commands that use and ship a tuned model: chat, generate, fuse, export.
+
+Registered on the `cli` group of cli.py (which imports this module); same rules: parse, call one
+library function, show the result through ui.
+"""
+
+from __future__ import annotations
+
+
+import click
+
+from mlx_gemma_tune.cli import cli
+from mlx_gemma_tune.errors import UserError
+
+
+def sampling_options(f):
+    """The sampling options chat and generate share."""
+    for opt in reversed([
+        click.option("--temp", type=click.FloatRange(min=0), default=1.0, show_default=True,
+                     help="Sampling temperature; 0 = greedy."),
+        click.option("--top-k", type=click.IntRange(min=0), default=64, show_default=True, help="0 = off."),
+        click.option("--top-p", type=click.FloatRange(0, 1), default=0.95, show_default=True, help="1 = off."),
+        click.option("--min-p", type=click.FloatRange(0, 1), default=0.0, show_default=True),
+        click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True),
+        click.option("--seed", type=int, default=None, help="Seed for reproducible sampling."),
+        click.option("--system", default=None, help="System prompt."),
+        click.option("--adapter", type=click.Path(file_okay=False), default=None,
+                     help="LoRA/DoRA adapter directory (a run directory's own adapter is used by default)."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _open_session(model_or_run, adapter, system, temp, top_k, top_p, min_p, max_tokens, seed):
+    from mlx_gemma_tune.generate import ChatSession, Sampling
+
+    sampling = Sampling(temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, max_tokens=max_tokens, seed=seed)
+    return ChatSession.open(model_or_run, adapter, system=system, sampling=sampling)
+
+
+@cli.command()
+@click.argument("model_or_run")
+@sampling_options
+def chat(model_or_run, adapter, system, temp, top_k, top_p, min_p, max_tokens, seed):
+    """Chat with MODEL_OR_RUN (a model directory, or a run directory: its base + adapter).
+
+    Type /help for the commands: /adapter PATH|off|on, /compare, /system, /temp, /topk,
+    /topp, /max, /reset, /save FILE, /quit.
+    """
+    from mlx_gemma_tune import ui
+    from mlx_gemma_tune.generate import run_command
+
+    with ui.status("Loading the model"):
+        session = _open_session(model_or_run, adapter, system, temp, top_k, top_p, min_p, max_tokens, seed)
+    ui.chat_note(f"model {session.base_path}" + (f" + adapter {session.adapter}" if session.adapter else "")
+                 + " — /help for commands, /quit to leave")
+    compare_next = False
+    while True:
+        try:
+            line = click.prompt("you", prompt_suffix="> ", default="", show_default=False)
+        except (EOFError, click.exceptions.Abort):
+            break
+        if not line.strip():
+            continue
+        try:
+            if line.lstrip().startswith("/"):
+                result = run_command(session, line)
+                if result.quit:
+                    break
+                compare_next = compare_next or result.compare_next
+                ui.chat_note(result.message)
+                continue
+            if compare_next:
+                compare_next = False
+                base, tuned = session.compare(line)
+                ui.show_compare(line, base, tuned)
+            else:
+                ui.stream_reply(session.reply(line), label="model")
+            ui.chat_footer(session.stats)
+        except UserError as exc:  # a bad command or value: say so, keep chatting
+            ui.chat_error(exc.one_line())
+
+
+@cli.command()
+@click.argument("model_or_run")
+@click.option("--prompt", default=None, help="The prompt.")
+@click.option("--prompts", "prompts_file", default=None, type=click.Path(dir_okay=False),
+              help="A file of prompts: one per line, or JSONL with prompt / messages rows.")
+@click.option("--compare", is_flag=True, help="Answer with the base model and the tuned model, side by side.")
+@click.option("--json", "as_json", is_flag=True, help="Print the answers as JSON.")
+@sampling_options
+def generate(model_or_run, prompt, prompts_file, compare, as_json, adapter, system, temp, top_k, top_p, min_p,
+             max_tokens, seed):
+    """Answer one prompt (or a file of prompts) with MODEL_OR_RUN, optionally base vs tuned."""
+    from mlx_gemma_tune import ui
+    from mlx_gemma_tune.generate import generate_answers, read_prompts
+
+    if (prompt is None) == (prompts_file is None):
+        raise click.UsageError("give exactly one of --prompt TEXT or --prompts FILE")
+    prompts = [prompt] if prompt is not None else read_prompts(prompts_file)
+    with ui.status("Loading the model"):
+        session = _open_session(model_or_run, adapter, system, temp, top_k, top_p, min_p, max_tokens, seed)
+    if compare and session.adapter is None:
+        raise UserError("--compare needs an adapter", hint="pass --adapter DIR or a run directory")
+    if not as_json and not compare and len(prompts) == 1:
+        ui.stream_reply(session.reply(prompts[0]))
+        ui.chat_footer(session.stats)
+        return
+    answers = generate_answers(session, prompts, compare)
+    if as_json:
+        ui.print_json([a.__dict__ for a in answers])
+        return
+    for a in answers:
+        if compare:
+            ui.show_compare(a.prompt, a.base, a.answer)
+        else:
+            ui.out.print(f"prompt: {a.prompt}\nanswer: {a.answer}", soft_wrap=True, markup=False)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="Where to write the fused MLX model.")
+@click.option("--dequantize", "mode", flag_value="dequantize", default=True,
+              help="Write the full-precision merge (the default; a quantized base is dequantized).")
+@click.option("--requantize", "mode", type=click.Choice(["4", "8"]),
+              help="Re-quantize the merge to 4 or 8 bits and report how far it moved from the full-precision merge.")
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True)
+@click.option("--base", default=None, type=click.Path(file_okay=False),
+              help="The original Hugging Face checkpoint, if it moved since convert.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the new model is complete).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def fuse(run_dir, out, mode, group_size, base, force, as_json):
+    """Merge a run's adapter into its base model, in full precision, as an MLX model."""
+    from mlx_gemma_tune import ui
+    from mlx_gemma_tune.merge import fuse as run
+
+    requantize = int(mode) if mode in ("4", "8") else None
+    with ui.status("Fusing") as progress:
+        result = run(run_dir, out, requantize=requantize, group_size=int(group_size), force=force, base=base,
+                     progress=progress)
+    if as_json:
+        ui.print_json(result.to_dict())
+    else:
+        ui.show_fuse(result)
+
+
+@cli.command()
+@click.argument("run_or_fused", type=click.Path(file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["hf", "peft", "gguf"]), required=True,
+              help="hf: a transformers checkpoint of the original class; peft: a PEFT LoRA/DoRA adapter; "
+                   "gguf: one file for llama.cpp / Ollama (Gemma 3).")
+@click.option("-o", "--output", "out", required=True, type=click.Path(),
+              help="A directory (hf, peft) or a .gguf file (gguf).")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None,
+              help="hf: dtype of the exported weights (default: the source checkpoint's).")
+@click.option("--outtype", type=click.Choice(["f16", "bf16", "q8_0"]), default=None,
+              help="gguf: type of the weight matrices (norms stay float32)  [default: f16]")
+@click.option("--ollama", is_flag=True, help="gguf: also write an Ollama Modelfile next to the file.")
+@click.option("--verify", is_flag=True, help="hf: load the export with transformers and compare logits with MLX.")
+@click.option("--base", default=None, type=click.Path(file_okay=False),
+              help="The original Hugging Face checkpoint, if it moved since convert.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def export(run_or_fused, fmt, out, dtype, outtype, ollama, verify, base, force, as_json):
+    """Export a run (or a fused model): a Hugging Face checkpoint, a PEFT adapter or a GGUF file."""
+    from mlx_gemma_tune import ui
+    from mlx_gemma_tune import export as ex
+
+    if (outtype or ollama) and fmt != "gguf":
+        raise click.UsageError("--outtype and --ollama apply to --format gguf")
+    if (dtype or verify) and fmt != "hf":
+        raise click.UsageError("--dtype and --verify apply to --format hf")
+    with ui.status("Exporting") as progress:
+        if fmt == "hf":
+            result = ex.export_hf(run_or_fused, out, dtype=dtype, base=base, verify=verify, force=force,
+                                  progress=progress)
+        elif fmt == "gguf":
+            from mlx_gemma_tune.gguf_export import export_gguf
+
+            result = export_gguf(run_or_fused, out, outtype=outtype or "f16", base=base, ollama=ollama,
+                                 force=force, progress=progress)
+        else:
+            from mlx_gemma_tune.peft_export import export_peft
+
+            result = export_peft(run_or_fused, out, base=base, force=force)
+    if as_json:
+        ui.print_json(result.to_dict())
+    else:
+        ui.show_export(result)
