@@ -44,15 +44,9 @@ def export_gguf(run_or_fused: str, out: str, *, outtype: str = "f16", base: str 
         raise UserError(f"--outtype must be one of {', '.join(OUTTYPES)}, not {outtype}")
     out_p = Path(out).expanduser().absolute()
     _check_output(out_p, force, Path(run_or_fused), ollama)
+    arch_name = _architecture(run_or_fused, base)  # before the (slow) load and merge
     merged = load_merged(run_or_fused, base, progress)
     source_config = checkpoint.read_config(merged.source)
-    arch_name = SUPPORTED.get(merged.model_type)
-    if arch_name is None:
-        later = DEFINED_LATER.get(merged.model_type)
-        why = (f"GGUF export of {later} ('{merged.model_type}') is not implemented yet" if later else
-               f"the gguf package defines no architecture for model_type '{merged.model_type}'")
-        raise UserError(why, where=str(merged.source), hint="supported: Gemma 3 text models (gemma3_text); "
-                        "export --format hf and use llama.cpp's convert_hf_to_gguf.py meanwhile")
     arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
 
     from mlx.utils import tree_flatten
@@ -77,9 +71,25 @@ def export_gguf(run_or_fused: str, out: str, *, outtype: str = "f16", base: str 
     out_p.parent.mkdir(parents=True, exist_ok=True)
     fsio.atomic_write_with(out_p, write)
     if ollama:
-        fsio.atomic_write_text(out_p.parent / "Modelfile", modelfile(out_p.name, merged.source))
+        fsio.atomic_write_text(out_p.parent / "Modelfile", modelfile(out_p.name))
     return ExportResult(str(out_p), "gguf", str(merged.source), len(tensors), {}, outtype,
                         size_bytes=out_p.stat().st_size, seconds=round(time.monotonic() - started, 2))
+
+
+def _architecture(run_or_fused: str, base: str | None) -> str:
+    """The GGUF architecture for the model behind a run or model directory, or a clear refusal."""
+    from mlx_gemma_tune import export, generate, models
+
+    base_dir, _ = generate.resolve_target(run_or_fused)
+    source = export._source_of(models.resolve_model_dir(base_dir), base)
+    model_type = checkpoint.read_config(source).get("model_type")
+    if model_type in SUPPORTED:
+        return SUPPORTED[model_type]
+    later = DEFINED_LATER.get(model_type)
+    why = (f"GGUF export of {later} ('{model_type}') is not implemented yet" if later else
+           f"the gguf package defines no architecture for model_type '{model_type}'")
+    raise UserError(why, where=str(source), hint="supported: Gemma 3 text models (gemma3_text); "
+                    "export --format hf and use llama.cpp's convert_hf_to_gguf.py meanwhile")
 
 
 def _check_output(out: Path, force: bool, source: Path, ollama: bool) -> None:
@@ -265,7 +275,7 @@ GEMMA3_OLLAMA_TEMPLATE = """{{- $system := "" }}
 {{- end }}"""
 
 
-def modelfile(gguf_name: str, source: Path) -> str:
+def modelfile(gguf_name: str) -> str:
     """An Ollama Modelfile for the GGUF file beside it: Gemma's chat template and stop tokens."""
     return (f"# Ollama: ollama create NAME -f Modelfile && ollama run NAME\n"
             f"FROM ./{gguf_name}\n"
