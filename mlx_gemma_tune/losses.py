@@ -49,6 +49,12 @@ def head_logits(linear, cap, h):
     return out if cap is None else mx.tanh(out / cap) * cap
 
 
+def padded_count(targets: int, chunk: int) -> int:
+    """How many target rows the chunked loss computes for `targets` targets (see select_targets)."""
+    step = chunk if targets > chunk else SMALL_PAD
+    return max(step, -(-targets // step) * step)
+
+
 def select_targets(mask, chunk: int = DEFAULT_CHUNK):
     """(flat indices, weights) of the target positions of a mask, padded with weight-0 entries.
 
@@ -60,8 +66,7 @@ def select_targets(mask, chunk: int = DEFAULT_CHUNK):
 
     m = np.asarray(mask, dtype=np.float32).reshape(-1)
     idx = np.flatnonzero(m > 0).astype(np.int32)
-    step = chunk if len(idx) > chunk else SMALL_PAD
-    size = max(step, -(-len(idx) // step) * step)
+    size = padded_count(len(idx), chunk)
     weights = np.zeros(size, dtype=np.float32)
     weights[: len(idx)] = m[idx]
     return mx.array(np.pad(idx, (0, size - len(idx)))), mx.array(weights)
@@ -80,16 +85,16 @@ def _chunked_head_loss(linear, cap, chunk: int, grad: bool):
     """
     import mlx.core as mx
 
-    def piece(h, t, w):
-        z = head_logits(linear, cap, h)
+    def loss_of(z, t, w):
         ce = mx.logsumexp(z, axis=-1) - mx.take_along_axis(z, t[:, None], axis=-1)[:, 0]
         return (ce * w).sum()
 
+    def piece(h, t, w):
+        return loss_of(head_logits(linear, cap, h), t, w)
+
     def piece_with_grad(h, t, w):
         z = head_logits(linear, cap, h)
-        lse = mx.logsumexp(z, axis=-1, keepdims=True)
-        zt = mx.take_along_axis(z, t[:, None], axis=-1)
-        value = ((lse - zt)[:, 0] * w).sum()
+        value = loss_of(z, t, w)
         d = mx.softmax(z, axis=-1, precise=True)
         d = mx.put_along_axis(d, t[:, None], mx.take_along_axis(d, t[:, None], axis=-1) - 1.0, axis=-1)
         if cap is not None:

@@ -94,10 +94,9 @@ def estimate(config: dict, *, weight_bytes: int, adapter_parameters: int, batch:
 
 def _slice_copies(targets: int, chunk: int) -> float:
     """Slice-sized logit arrays alive at the chunked loss's peak, times the slice size (in tokens)."""
-    from mlx_gemma_tune.losses import SMALL_PAD
+    from mlx_gemma_tune.losses import padded_count
 
-    step = chunk if targets > chunk else SMALL_PAD  # losses.select_targets pads the count like this
-    padded = max(step, -(-targets // step) * step)
+    padded = padded_count(targets, chunk)
     size = min(chunk, padded)
     return size * min(SLICE_COPIES * (padded // size), MAX_SLICE_COPIES)
 
