@@ -148,7 +148,7 @@ def fuse(run_dir, out, mode, group_size, base, force, as_json):
 @click.argument("run_or_fused", type=click.Path(file_okay=False))
 @click.option("--format", "fmt", type=click.Choice(["hf", "peft", "gguf"]), required=True,
               help="hf: a transformers checkpoint of the original class; peft: a PEFT LoRA/DoRA adapter; "
-                   "gguf: one file for llama.cpp / Ollama (Gemma 3).")
+                   "gguf: one file for llama.cpp / Ollama (Gemma 3, 3n, 4; text model).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(),
               help="A directory (hf, peft) or a .gguf file (gguf).")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -135,8 +136,182 @@ def test_ollama_modelfile_and_output_rules(trained_run, tmp_path):
     assert sorted(p.name for p in out.parent.iterdir()) == ["Modelfile", "tuned.gguf"]  # no temporary files
 
 
-@pytest.mark.parametrize("family,arch", [("gemma3n", "gemma3n"), ("gemma4_edge", "gemma4")])
-def test_other_architectures_are_refused_by_name(family, arch, hf_model, tmp_path):
-    res = run_cli(["export", hf_model(family), "--format", "gguf", "-o", tmp_path / "m.gguf"])
-    assert_one_line_error(res, f"GGUF export of {arch}", "not implemented yet")
+def test_multimodal_gemma3_is_refused_by_name(hf_model, tmp_path):
+    src = tmp_path / "gemma3-mm"
+    shutil.copytree(hf_model("gemma3_text"), src)
+    text = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": text,
+                                                 "architectures": ["Gemma3ForConditionalGeneration"]}))
+    res = run_cli(["export", src, "--format", "gguf", "-o", tmp_path / "m.gguf"])
+    assert_one_line_error(res, "multimodal Gemma 3", "Gemma3ForConditionalGeneration")
     assert not (tmp_path / "m.gguf").exists()
+
+
+# ---- Gemma 3n and Gemma 4 -------------------------------------------------------------------
+
+ROWS = [{"prompt": f"Question {i}?", "completion": f"Answer {i}."} for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def family_exports(hf_model, tmp_path_factory):
+    """family_exports(family, outtype) -> (HF export dir, its float32 tensors, the GGUF path) of a short run."""
+    import mlx.core as mx
+
+    from mlx_gemma_tune import session, trainer
+
+    done = {}
+
+    def get(family, outtype="f16"):
+        if family not in done:
+            root = tmp_path_factory.mktemp(f"gguf-{family}")
+            data = root / "d.jsonl"
+            data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+            sets = ("train.lr=1e-2", "lora.rank=4", "lora.dropout=0.0", "train.iters=4", "data.valid_fraction=0")
+            trainer.run(session.prepare_run(model=str(hf_model(family)), data=str(data), out=str(root / "run"),
+                                            sets=sets))
+            res = run_cli(["export", root / "run", "--format", "hf", "-o", root / "hf", "--dtype", "float32"])
+            assert res.exit_code == 0, res.output
+            weights = {}
+            for f in sorted((root / "hf").glob("model*.safetensors")):
+                weights.update({k: np.array(v) for k, v in mx.load(str(f)).items()})
+            done[family] = (root, weights)
+        root, weights = done[family]
+        out = root / f"{outtype}.gguf"
+        if not out.exists():
+            res = run_cli(["export", root / "run", "--format", "gguf", "-o", out, "--outtype", outtype])
+            assert res.exit_code == 0, res.output
+        return root / "hf", weights, out
+
+    return get
+
+
+def _expected_tensors(family: str, hf: dict, config: dict) -> dict:
+    """llama.cpp's name -> (HF tensors it is built from, the float32 values it must hold): the layout
+    convert_hf_to_gguf.py writes for Gemma 3n / Gemma 4 (no +1 on norms, as these RMSNorms scale by w)."""
+    import gguf
+
+    text = config["text_config"]
+    arch = gguf.MODEL_ARCH.GEMMA3N if family == "gemma3n" else gguf.MODEL_ARCH.GEMMA4
+    names = gguf.get_tensor_name_map(arch, text["num_hidden_layers"])
+    lm = {k.replace("model.language_model.", "model."): v for k, v in hf.items() if k.startswith("model.language_model.")}
+    out = {}
+    for key, value in lm.items():
+        if ".altup_projections." in key or ".altup_unembed_projections." in key:
+            continue
+        if key.endswith("router.scale") or key.endswith("router.per_expert_scale"):
+            block = key.split(".")[2]
+            name = f"blk.{block}.ffn_gate_inp.scale" if key.endswith("router.scale") else f"blk.{block}.ffn_down_exps.scale"
+            out[name] = ([key], value)
+            continue
+        name = names.get_name(key, try_suffixes=(".weight",))
+        if not name.endswith(".weight"):  # scales and expert tensors get the .weight suffix
+            name += ".weight"
+        if "embed_tokens" in key and len(value) < text["vocab_size"]:  # image / audio ids: zero rows
+            value = np.concatenate([value, np.zeros((text["vocab_size"] - len(value), value.shape[1]), value.dtype)])
+        out[name] = ([key], value)
+    if family == "gemma3n":
+        for hf_name, name in (("altup_projections", "altup_proj.weight"),
+                              ("altup_unembed_projections", "altup_unembd_proj.weight")):
+            keys = [f"model.{hf_name}.{i}.weight" for i in range(3)]
+            out[name] = (keys, np.stack([lm[k] for k in keys]))
+    else:
+        rotated = int(text["global_head_dim"] * text["rope_parameters"]["full_attention"]["partial_rotary_factor"] / 2)
+        out["rope_freqs.weight"] = ([], np.array([1.0] * rotated + [1e30] * (text["global_head_dim"] // 2 - rotated),
+                                                 dtype=np.float32))
+    return out
+
+
+@pytest.mark.parametrize("family,outtype", [("gemma3n", "f16"), ("gemma4_edge", "f16"), ("gemma4_dense", "bf16"),
+                                            ("gemma4_moe", "q8_0")])
+def test_gemma3n_and_gemma4_read_back_in_llama_cpp_layout(family, outtype, family_exports):
+    import gguf
+
+    hf_dir, hf, path = family_exports(family, outtype)
+    config = json.loads((hf_dir / "config.json").read_text())
+    text = config["text_config"]
+    arch = "gemma3n" if family == "gemma3n" else "gemma4"
+    r = gguf.GGUFReader(str(path))
+    assert _field(r, "general.architecture") == arch
+
+    # tensors: names, reversed shapes, types and values; every language-model tensor used exactly once
+    expected = _expected_tensors(family, hf, config)
+    by_name = {t.name: t for t in r.tensors}
+    assert sorted(by_name) == sorted(expected)
+    used = sorted(k for keys, _ in expected.values() for k in keys)
+    assert used == sorted(k.replace("model.language_model.", "model.") for k in hf if k.startswith("model.language_model."))
+    f32 = ("_norm.weight", ".scale", "ffn_gate_inp.weight", "altup_correct_coef.weight", "altup_predict_coef.weight")
+    qtype = getattr(gguf.GGMLQuantizationType, OUTTYPES[outtype])
+    for name, (keys, want) in expected.items():
+        t = by_name[name]
+        assert [int(d) for d in t.shape] == list(reversed(want.shape)), name
+        if want.ndim <= 1 or name.endswith(f32):
+            assert t.tensor_type.name == "F32", name
+            expected_values = want
+        else:
+            assert t.tensor_type == qtype, name
+            expected_values = want.astype(np.float16).astype(np.float32) if outtype == "f16" else \
+                gguf.quants.dequantize(gguf.quants.quantize(want, qtype), qtype)
+        got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(want.shape)
+        assert np.array_equal(got.astype(np.float32), expected_values.astype(np.float32)), name
+
+    # hyperparameters llama.cpp reads for the architecture
+    n = text["num_hidden_layers"]
+    swa = [t == "sliding_attention" for t in text["layer_types"]]
+    meta = {k.split(".", 1)[1]: f.contents() for k, f in r.fields.items() if k.startswith(arch + ".")}
+    assert meta["block_count"] == n and meta["embedding_length"] == text["hidden_size"]
+    assert meta["attention.sliding_window_pattern"] == swa
+    assert meta["attention.shared_kv_layers"] == text["num_kv_shared_layers"]
+    assert meta["embedding_length_per_layer_input"] == (text["hidden_size_per_layer_input"] or 0)
+    assert meta["final_logit_softcapping"] == pytest.approx(text["final_logit_softcapping"])
+    assert meta["rope.freq_base"] == pytest.approx(1e6) and meta["rope.freq_base_swa"] == pytest.approx(1e4)
+    if family == "gemma3n":
+        assert meta["feed_forward_length"] == text["intermediate_size"]  # one per layer
+        assert meta["altup.num_inputs"] == 4 and meta["altup.active_idx"] == 0
+        assert meta["attention.key_length"] == text["head_dim"]
+        # 0.95 sparsity -> keep activations above mean + 1.645 std; no sparsity -> -inf (nothing cut)
+        assert meta["activation_sparsity_scale"] == pytest.approx([1.6448536, 1.6448536, -np.inf, -np.inf])
+    else:
+        assert (meta["attention.key_length"], meta["attention.key_length_swa"]) == (text["global_head_dim"], text["head_dim"])
+        assert (meta["rope.dimension_count"], meta["rope.dimension_count_swa"]) == (text["global_head_dim"],
+                                                                                  text["head_dim"])
+        shared = text["num_kv_shared_layers"]
+        ffn = text["intermediate_size"]
+        assert meta["feed_forward_length"] == ([ffn * (2 if i >= n - shared else 1) for i in range(n)]
+                                               if text["use_double_wide_mlp"] else ffn)
+        kv = text["num_key_value_heads"]
+        assert meta["attention.head_count_kv"] == (
+            [kv if s else text["num_global_key_value_heads"] for s in swa] if text["num_global_key_value_heads"] else kv)
+        if text["enable_moe_block"]:
+            assert (meta["expert_count"], meta["expert_used_count"], meta["expert_feed_forward_length"]) == (
+                text["num_experts"], text["top_k_experts"], text["moe_intermediate_size"])
+
+    # tokenizer
+    tok = json.loads((hf_dir / "tokenizer.json").read_text())
+    tokens = _field(r, "tokenizer.ggml.tokens")
+    assert len(tokens) == text["vocab_size"]
+    for t, i in tok["model"]["vocab"].items():
+        assert tokens[i] == t
+    types = _field(r, "tokenizer.ggml.token_type")
+    assert _field(r, "tokenizer.chat_template") == (hf_dir / "chat_template.jinja").read_text()
+    assert _field(r, "tokenizer.ggml.bos_token_id") == tokens.index("<bos>")
+    if family == "gemma3n":
+        assert _field(r, "tokenizer.ggml.model") == "llama"
+        assert types[tokens.index("<start_of_turn>")] == 3
+    else:  # llama.cpp's Gemma 4 BPE: the merges themselves, control turn markers, always-visible channel markers
+        assert _field(r, "tokenizer.ggml.model") == "gemma4"
+        merges = _field(r, "tokenizer.ggml.merges")
+        assert merges == [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+        assert set(_field(r, "tokenizer.ggml.scores")) == {-1000.0}
+        assert types[tokens.index("<|turn>")] == 3 and types[tokens.index("<|channel>")] == 4
+        assert _field(r, "tokenizer.ggml.add_bos_token") is True
+
+
+@pytest.mark.parametrize("family,stop", [("gemma3n", "<end_of_turn>"), ("gemma4_edge", "<turn|>")])
+def test_ollama_modelfile_uses_the_family_turns(family, stop, family_exports, tmp_path):
+    hf_dir, _, _ = family_exports(family)
+    out = tmp_path / "m.gguf"
+    res = run_cli(["export", hf_dir.parent / "run", "--format", "gguf", "-o", out, "--ollama"])
+    assert res.exit_code == 0, res.output
+    modelfile = (tmp_path / "Modelfile").read_text()
+    assert f'PARAMETER stop "{stop}"' in modelfile
+    assert ("<|turn>user" in modelfile) == (family != "gemma3n")
