@@ -5,6 +5,7 @@ Library modules are imported inside the commands so `--help` stays instant.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -23,12 +24,14 @@ class App(click.Group):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         argv = list(sys.argv[1:] if args is None else args)
         debug = "--debug" in argv
+        # under mlx.launch every process prints its own errors: say which
+        who = f"[rank {os.environ['MLX_RANK']}] " if "--distributed" in argv and "MLX_RANK" in os.environ else ""
         try:
             code = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
         except UserError as exc:
             if debug:
                 raise
-            click.echo(f"Error: {exc.one_line()}", err=True)
+            click.echo(f"{who}Error: {exc.one_line()}", err=True)
             sys.exit(exc.exit_code)
         except click.exceptions.Abort:
             click.echo("Aborted.", err=True)
@@ -38,7 +41,7 @@ class App(click.Group):
             hint = ""
             if isinstance(exc, click.UsageError) and exc.ctx is not None:
                 hint = f" (see: {exc.ctx.command_path} --help)"
-            click.echo(f"Error: {msg}{hint}", err=True)
+            click.echo(f"{who}Error: {msg}{hint}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
@@ -47,7 +50,7 @@ class App(click.Group):
             if debug:
                 raise
             first = (str(exc).strip().splitlines() or [""])[0][:300]
-            click.echo(f"Error: internal error ({type(exc).__name__}: {first}); rerun with --debug "
+            click.echo(f"{who}Error: internal error ({type(exc).__name__}: {first}); rerun with --debug "
                        "for the traceback and please report it", err=True)
             sys.exit(1)
         sys.exit(code or 0)
@@ -194,8 +197,10 @@ def eval_(model, data_path, metric, adapter, compare, judge_model, max_tokens, b
 @click.option("--resume", default=None, type=click.Path(file_okay=False),
               help="Continue the run in this directory from its last checkpoint, exactly.")
 @click.option("--force", is_flag=True, help="Replace the run directory if it exists.")
+@click.option("--distributed", "dist", is_flag=True,
+              help="Data-parallel over the processes started by mlx.launch (train.batch_size is global).")
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
-def train(recipe, model, data, out, sets, quantize, mask_prompt, resume, force, as_json):
+def train(recipe, model, data, out, sets, quantize, mask_prompt, resume, force, dist, as_json):
     """Train a LoRA / QLoRA / DoRA adapter from a RECIPE (a YAML path or a shipped recipe name).
 
     \b
@@ -203,8 +208,9 @@ def train(recipe, model, data, out, sets, quantize, mask_prompt, resume, force, 
       mlx-gemma-tune train gemma4-e2b-lora --data my.jsonl
       mlx-gemma-tune train my-recipe.yaml --set lora.rank=8 --set train.iters=200
       mlx-gemma-tune train --resume runs/gemma4-e2b-lora-20261123-101500
+      mlx.launch --hostfile hosts.json -- mlx-gemma-tune train gemma4-e2b-lora --data my.jsonl --distributed
     """
-    from mlx_gemma_tune import ui
+    from mlx_gemma_tune import distributed, ui
     from mlx_gemma_tune.session import prepare_run
     from mlx_gemma_tune.trainer import run
 
@@ -213,9 +219,15 @@ def train(recipe, model, data, out, sets, quantize, mask_prompt, resume, force, 
         sets.append(f"model.quantize={quantize}")
     if mask_prompt is not None:
         sets.append(f"data.mask_prompt={str(mask_prompt).lower()}")
-    with ui.status("Preparing the run") as progress:
+    world = distributed.init() if dist else distributed.SINGLE
+    if not world.main:  # the other ranks train their shards silently; rank 0 reports and writes
         prepared = prepare_run(recipe, model=model, data=data, out=out, sets=tuple(sets), resume=resume,
-                               force=force, progress=progress)
+                               force=force, world=world)
+        run(prepared)
+        return
+    with ui.status("Preparing the run" + (f" on {world.size} processes" if world.distributed else "")) as progress:
+        prepared = prepare_run(recipe, model=model, data=data, out=out, sets=tuple(sets), resume=resume,
+                               force=force, progress=progress, world=world)
     for key, what in (("held_out", "rows held out for validation"), ("truncated", "rows truncated to max_seq_length"),
                       ("dropped", "rows dropped")):
         if prepared.notes.get(key):

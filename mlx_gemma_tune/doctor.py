@@ -33,6 +33,7 @@ class DoctorReport:
     blas: dict | None  # Linux only: {"libraries", "gflops", "fast"}
     optional: list[dict] = field(default_factory=list)  # {"package", "installed", "enables", "install"}
     hf_offline: bool = False
+    distributed: dict = field(default_factory=dict)  # {"available", "launched", "rank", "size"[, "error"]}
     problems: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -96,6 +97,9 @@ def run_doctor() -> DoctorReport:
             "LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
         )
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    from mlx_gemma_tune import distributed
+
+    world = distributed.describe()
     return DoctorReport(
         python=platform.python_version(),
         platform=f"{platform.system()} {platform.machine()}",
@@ -107,5 +111,6 @@ def run_doctor() -> DoctorReport:
         blas=blas,
         optional=optional,
         hf_offline=offline,
+        distributed=world,
         problems=problems,
     )

@@ -131,17 +131,19 @@ def activation_bytes(model) -> int:
     return 4
 
 
-def estimate_for_run(prepared, bins=None, grad_checkpoint: bool = False) -> Estimate:
-    """The estimate for a prepared run (session.prepare_run), at its largest micro-batch."""
+def estimate_for_run(prepared, bins=None, grad_checkpoint: bool = False, ranks: int = 1) -> Estimate:
+    """The estimate for a prepared run (session.prepare_run), at its largest micro-batch (per rank:
+    a distributed run holds 1/ranks of each global batch on each Mac)."""
     p = prepared
+    batch = -(-p.recipe.train.batch_size // ranks)
     cfg = p.recipe.train
     if bins is not None:
         seq_len = max(sum(len(p.train[i].tokens) for i in b) for b in bins)
-        targets = sum(sorted((sum(sum(p.train[i].mask) for i in b) for b in bins), reverse=True)[:cfg.batch_size])
+        targets = sum(sorted((sum(sum(p.train[i].mask) for i in b) for b in bins), reverse=True)[:batch])
     else:
         seq_len = max((len(e.tokens) for e in p.train), default=1)
-        targets = sum(sorted((sum(e.mask) for e in p.train), reverse=True)[:cfg.batch_size])
-    return _for_model(p.model, p.config, batch=cfg.batch_size, seq_len=max(seq_len - 1, 1),
+        targets = sum(sorted((sum(e.mask) for e in p.train), reverse=True)[:batch])
+    return _for_model(p.model, p.config, batch=batch, seq_len=max(seq_len - 1, 1),
                       loss_chunk=cfg.loss_chunk, grad_checkpoint=grad_checkpoint, targets=targets)
 
 

@@ -64,7 +64,7 @@ class TrainConfig:
     warmup_ratio: float = _f(0.1, "Share of the steps spent warming up linearly from 0.")
     epochs: float = _f(3.0, "Passes over the training rows (ignored when iters is set).")
     iters: typing.Optional[int] = _f(None, "Optimizer steps to run; overrides epochs.")
-    batch_size: int = _f(4, "Rows per micro-batch.")
+    batch_size: int = _f(4, "Rows per micro-batch; with --distributed the global micro-batch, split across the processes.")
     grad_accumulation: int = _f(1, "Micro-batches per optimizer step (effective batch = batch_size x this).")
     max_grad_norm: typing.Optional[float] = _f(1.0, "Clip the gradient norm to this; null = no clipping.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")

@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
-from mlx_gemma_tune import fsio
+from mlx_gemma_tune import distributed, fsio
 from mlx_gemma_tune import recipe as recipes
 from mlx_gemma_tune.errors import InputError, OutputError, UserError
 
@@ -29,6 +29,7 @@ class Prepared:
     base: Path
     resume_from: Path | None = None
     notes: dict = field(default_factory=dict)  # truncated / dropped / held_out counts
+    world: distributed.World = distributed.SINGLE
 
 
 def resolve_recipe(recipe_ref: str | None, *, model: str | None = None, data: str | None = None,
@@ -48,7 +49,10 @@ def resolve_recipe(recipe_ref: str | None, *, model: str | None = None, data: st
 
 def prepare_run(recipe_ref: str | None = None, *, model: str | None = None, data: str | None = None,
                 out: str | None = None, sets: tuple[str, ...] = (), resume: str | None = None,
-                force: bool = False, progress: Callable[[str], None] | None = None) -> Prepared:
+                force: bool = False, progress: Callable[[str], None] | None = None,
+                world: distributed.World = distributed.SINGLE) -> Prepared:
+    """Everything a run needs, checked. Distributed: every rank calls this; rank 0 alone reads and
+    writes the run directory and sends the others what they need (the recipe of a resumed run)."""
     from mlx_gemma_tune import rundir
 
     say = progress or (lambda _m: None)
@@ -58,22 +62,34 @@ def prepare_run(recipe_ref: str | None = None, *, model: str | None = None, data
             raise UserError("--resume continues a run exactly as recorded in its recipe.yaml; do not combine "
                             "it with a recipe, --model, --data, --set or -o")
         run_dir = Path(resume).expanduser()
-        if not (run_dir / "recipe.yaml").is_file():
-            raise InputError("is not a run directory (no recipe.yaml)", where=str(run_dir))
-        recipe = recipes.build(recipes.read_yaml(run_dir / "recipe.yaml"), source=str(run_dir / "recipe.yaml"))
-        fsio.remove_leftovers(run_dir)  # what a killed run was writing: never complete, never used
-        done = rundir.list_checkpoints(run_dir)
-        resume_from = done[-1] if done else None  # killed before its first checkpoint: start again
+        raw = None
+        if world.main:
+            if not (run_dir / "recipe.yaml").is_file():
+                raise InputError("is not a run directory (no recipe.yaml)", where=str(run_dir))
+            raw = recipes.read_yaml(run_dir / "recipe.yaml")
+            fsio.remove_leftovers(run_dir)  # what a killed run was writing: never complete, never used
+            done = rundir.list_checkpoints(run_dir)
+            resume_from = done[-1] if done else None  # killed before its first checkpoint: start again
+        shared = distributed.broadcast_json(
+            {"recipe": raw, "resume_from": str(resume_from) if resume_from else None} if world.main else None, world)
+        recipe = recipes.build(shared["recipe"], source=str(run_dir / "recipe.yaml"))
+        resume_from = Path(shared["resume_from"]) if shared["resume_from"] else None
     else:
         recipe, name = resolve_recipe(recipe_ref, model=model, data=data, sets=sets)
         run_dir = Path(out).expanduser() if out else Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
-        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())) and not force:
+        run_dir = Path(distributed.broadcast_json(str(run_dir) if world.main else None, world))
+        exists = run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir()))
+        if world.main and exists and not force:  # only rank 0 has (and writes) the run directory
             raise OutputError("already exists", where=str(run_dir),
                               hint="pass --resume to continue it, or --force to replace it")
         for src in (recipe.model.path, recipe.data.path):
             s = Path(src).expanduser()
             if s.exists() and (run_dir.resolve() == s.resolve() or s.resolve() in run_dir.resolve().parents):
                 raise OutputError("is inside an input", where=str(run_dir), hint="choose another run directory")
+    if recipe.train.batch_size < world.size:
+        raise UserError(f"train.batch_size {recipe.train.batch_size} is the global batch, smaller than the "
+                        f"{world.size} processes: some would never have a row",
+                        hint=f"--set train.batch_size={world.size} (or more)")
 
     # The inputs, checked before anything is written.
     say("Reading the dataset")
@@ -83,7 +99,11 @@ def prepare_run(recipe_ref: str | None = None, *, model: str | None = None, data
     say("Preparing the base model")
     from mlx_gemma_tune import checkpoint, convert, lora, models
 
+    if not world.main:
+        distributed.barrier(world)  # rank 0 converts (or downloads) first; the others find it cached
     base = convert.ensure_base(recipe.model.path, recipe.model.quantize, progress=say)
+    if world.main:
+        distributed.barrier(world)
     say("Loading the base model")
     model_obj, tokenizer, config = models.load(base)
     say("Tokenizing")
@@ -98,9 +118,9 @@ def prepare_run(recipe_ref: str | None = None, *, model: str | None = None, data
                                  base_model=recipe.model.path)
     lora.apply(model_obj, config, settings)
     if resume_from is not None:
-        model_obj.load_weights(list(checkpoint.load_safetensors(resume_from / lora.ADAPTER_WEIGHTS).items()),
-                               strict=False)
-    elif not resume:
+        weights = checkpoint.load_safetensors(resume_from / lora.ADAPTER_WEIGHTS) if world.main else None
+        model_obj.load_weights(list(distributed.broadcast_arrays(weights, world).items()), strict=False)
+    elif not resume and world.main:
         if run_dir.exists() and force:
             fsio.remove_dir(run_dir) if run_dir.is_dir() else run_dir.unlink()
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -108,7 +128,8 @@ def prepare_run(recipe_ref: str | None = None, *, model: str | None = None, data
                   f"# Continue it with: mlx-gemma-tune train --resume {run_dir}\n")
         fsio.atomic_write_text(run_dir / "recipe.yaml", recipes.to_yaml(recipe, header))
     return Prepared(recipe=recipe, run_dir=run_dir, model=model_obj, tokenizer=tokenizer, config=config,
-                    lora=settings, train=train, valid=valid, base=base, resume_from=resume_from, notes=notes)
+                    lora=settings, train=train, valid=valid, base=base, resume_from=resume_from, notes=notes,
+                    world=world)
 
 
 def _examples(tokenizer, splits: dict, recipe: recipes.Recipe):

@@ -41,12 +41,15 @@ class FitResult:
 
 
 def make_step(model, optimizer, max_grad_norm: float | None = None, *, compile: bool = True,
-              chunk: int | None = losses.DEFAULT_CHUNK):
+              chunk: int | None = losses.DEFAULT_CHUNK, world=None):
     """A function (micro_batches) -> (loss, tokens, grad_norm, updated) doing one optimizer step.
 
     A micro-batch is (inputs, targets, mask) or (inputs, targets, mask, segments) for packed
     rows. Gradients of the summed token loss are accumulated over the micro-batches and divided
-    by their total target-token count, so accumulation equals one large batch exactly.
+    by their total target-token count, so accumulation equals one large batch exactly. With a
+    distributed `world` the micro-batches are this rank's shards (possibly none) and the sums are
+    combined over the ranks first (mlx.nn.average_gradients x world size, all_sum of the counts),
+    so the step equals one process running the global batch; loss and norm are global.
     Nothing is updated when the loss or the gradient norm is not finite. compile: the loss and
     gradient computation runs under mx.compile (the same numbers, tests/test_packing.py).
     """
@@ -55,6 +58,9 @@ def make_step(model, optimizer, max_grad_norm: float | None = None, *, compile: 
     import mlx.optimizers as optim
     from mlx.utils import tree_map
 
+    from mlx_gemma_tune import distributed
+
+    world = world or distributed.SINGLE
     value_and_grad = nn.value_and_grad(model, losses.masked_cross_entropy)  # (token-loss sum, count)
 
     def plain(inputs, targets, mask, idx, weights):
@@ -83,6 +89,11 @@ def make_step(model, optimizer, max_grad_norm: float | None = None, *, compile: 
             grads = g if grads is None else tree_map(mx.add, grads, g)
             total, count = total + s, count + n
             mx.eval(grads, total, count)
+        if world.distributed:
+            if grads is None:  # no rows of this global batch fell to this rank
+                grads = tree_map(mx.zeros_like, model.trainable_parameters())
+            grads = tree_map(lambda g: g * world.size, nn.average_gradients(grads, group=world.group))
+            total, count = distributed.all_sum(total, world), distributed.all_sum(count, world)
         denom = mx.maximum(count, 1.0)
         grads = tree_map(lambda g: g / denom, grads)
         loss = total / denom
@@ -194,16 +205,23 @@ class Control:
 
 
 def run(prepared, *, callback=None, control: Control | None = None) -> TrainSummary:
-    """Train a prepared run (see session.prepare_run) to its end, early stop, or a stop request."""
+    """Train a prepared run (see session.prepare_run) to its end, early stop, or a stop request.
+
+    Distributed (prepared.world): every rank calls this; each trains on its shard of every global
+    batch, all take the same decisions (steps, validation, early stop, Ctrl-C on any rank) and
+    only rank 0 writes files or reports progress.
+    """
     import mlx.core as mx
     import mlx.optimizers as optim
+    from mlx.utils import tree_flatten, tree_unflatten
 
-    from mlx_gemma_tune import evaluate, lora, memory, models, packing, rundir
+    from mlx_gemma_tune import distributed, evaluate, lora, memory, models, packing, rundir
 
     p = prepared
+    world = p.world
     cfg = p.recipe.train
     control = control or Control()
-    emit = _Emitter(callback)
+    emit = _Emitter(callback if world.main else None)
     model, run_dir = p.model, Path(p.run_dir)
     lengths = [len(e.tokens) for e in p.train]
     bins = packing.pack(lengths, p.recipe.data.max_seq_length) if p.recipe.data.pack else None
@@ -216,14 +234,17 @@ def run(prepared, *, callback=None, control: Control | None = None) -> TrainSumm
     state = {"step": 0, "best_val_loss": None, "best_step": None, "bad_evals": 0, "ema": None,
              "metrics_lines": 0, "tokens": 0, "adapter_from_step": None}
     if p.resume_from is not None:
-        state, opt_state = rundir.read_checkpoint(p.resume_from)
-        optimizer.state = opt_state
-    metrics = rundir.Metrics(run_dir, keep_lines=state["metrics_lines"])
-    estimate = memory.estimate_for_run(p, bins)
+        if world.main:
+            state, opt_state = rundir.read_checkpoint(p.resume_from)
+        state = distributed.broadcast_json(state if world.main else None, world)
+        flat = distributed.broadcast_arrays(dict(tree_flatten(opt_state)) if world.main else None, world)
+        optimizer.state = tree_unflatten(list(flat.items()))
+    metrics = rundir.Metrics(run_dir, keep_lines=state["metrics_lines"]) if world.main else _Records()
+    estimate = memory.estimate_for_run(p, bins, ranks=world.size)
     checkpointing = cfg.grad_checkpoint if cfg.grad_checkpoint is not None else estimate.over_budget
     if checkpointing:
         models.checkpoint_layers(model)
-    step_fn = make_step(model, optimizer, cfg.max_grad_norm, compile=cfg.compile, chunk=cfg.loss_chunk)
+    step_fn = make_step(model, optimizer, cfg.max_grad_norm, compile=cfg.compile, chunk=cfg.loss_chunk, world=world)
     epoch_cache: dict[int, list[list[int]]] = {}
 
     def micro_batch(m: int):
@@ -231,19 +252,25 @@ def run(prepared, *, callback=None, control: Control | None = None) -> TrainSumm
         if epoch not in epoch_cache:
             epoch_cache.clear()
             epoch_cache[epoch] = epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch, bins)
-        seqs = [[p.train[i] for i in seq] for seq in epoch_cache[epoch][index]]
-        return packing.batch_arrays(seqs), epoch
+        seqs = [[p.train[i] for i in seq] for seq in distributed.shard(epoch_cache[epoch][index], world)]
+        return (packing.batch_arrays(seqs) if seqs else None), epoch
 
     def validate() -> float:
         model.eval()
         rows = p.valid if cfg.val_batches is None else p.valid[: cfg.val_batches * cfg.batch_size]
-        loss, _ = evaluate.dataset_loss(model, rows, cfg.batch_size)
+        rows = distributed.shard(rows, world)
+        loss, count = evaluate.dataset_loss(model, rows, max(1, cfg.batch_size // world.size))
+        if world.distributed:  # the token-weighted mean over every rank's rows
+            sums = distributed.all_sum(mx.array([loss * count if count else 0.0, float(count)]), world)
+            loss = float(sums[0] / sums[1]) if float(sums[1]) else float("nan")
         model.train()
         return loss
 
     def save(step: int) -> Path:
         if not p.valid:  # no validation: the run's adapter is the latest one
             state["adapter_from_step"] = step
+        if not world.main:  # rank 0 writes; the others only keep the same bookkeeping
+            return rundir.checkpoint_dir(run_dir, step)
         path = rundir.write_checkpoint(run_dir, step, model, p.lora, optimizer,
                                        state | {"metrics_lines": metrics.count})
         best = rundir.checkpoint_dir(run_dir, state["best_step"]) if state["best_step"] else None
@@ -261,7 +288,7 @@ def run(prepared, *, callback=None, control: Control | None = None) -> TrainSumm
                          "memory_budget_gb": estimate.budget_gb})
     started = time.monotonic()
     window = {"loss": 0.0, "tokens": 0, "steps": 0, "t": time.perf_counter()}
-    last_ckpt = (rundir.list_checkpoints(run_dir) or [None])[-1]
+    last_ckpt = (rundir.list_checkpoints(run_dir) or [None])[-1] if world.main else p.resume_from
     stopped_early = interrupted = False
     previous_handler = _install_sigint(control)
     model.train()
@@ -273,7 +300,8 @@ def run(prepared, *, callback=None, control: Control | None = None) -> TrainSumm
             micro, epoch = [], 0
             for m in range(first, first + cfg.grad_accumulation):
                 batch, epoch = micro_batch(m)
-                micro.append(batch)
+                if batch is not None:
+                    micro.append(batch)
             loss, count, norm, ok = step_fn(micro)
             if not ok:
                 raise _non_finite(step, loss, norm, str(last_ckpt) if last_ckpt else None)
@@ -310,12 +338,15 @@ def run(prepared, *, callback=None, control: Control | None = None) -> TrainSumm
                 if improved:  # the best adapter is the run's adapter: checkpoint it and publish it
                     state["adapter_from_step"] = step
                     last_ckpt = save(step)
-                    rundir.publish_adapter(run_dir, last_ckpt)
+                    if world.main:
+                        rundir.publish_adapter(run_dir, last_ckpt)
                 if stop:
                     stopped_early = True
                     emit.event("early_stop", {"step": step, "best_step": state["best_step"]})
                     break
             saved = last_ckpt == rundir.checkpoint_dir(run_dir, step)  # e.g. a new best just now
+            if world.distributed and distributed.any_rank(control.stop_requested, world):
+                control.request_stop()  # Ctrl-C on any rank: every rank stops after this same step
             if (step % cfg.save_every == 0 or step == total or control.stop_requested) and not saved:
                 last_ckpt = save(step)
             if control.stop_requested:
@@ -333,9 +364,11 @@ def run(prepared, *, callback=None, control: Control | None = None) -> TrainSumm
         model.eval()
     if state["adapter_from_step"] is None:  # validation never improved on a saved step
         if last_ckpt is not None:
-            rundir.publish_adapter(run_dir, last_ckpt)
+            if world.main:
+                rundir.publish_adapter(run_dir, last_ckpt)
             state["adapter_from_step"] = int(Path(last_ckpt).name.split("-")[1])
-    rundir.plot_losses(run_dir, metrics.read())
+    if world.main:
+        rundir.plot_losses(run_dir, metrics.read())
     train_records = [r for r in metrics.read() if r.get("type") == "train"]
     summary = TrainSummary(
         run_dir=str(run_dir), steps=state["step"], total_steps=total,
@@ -343,9 +376,28 @@ def run(prepared, *, callback=None, control: Control | None = None) -> TrainSumm
         best_val_loss=state["best_val_loss"], best_step=state["best_step"],
         adapter_from_step=state["adapter_from_step"], stopped_early=stopped_early, interrupted=interrupted,
         seconds=round(time.monotonic() - started, 2), tokens=state["tokens"])
-    fsio.atomic_write_json(run_dir / "summary.json", summary.to_dict())
+    if world.main:
+        fsio.atomic_write_json(run_dir / "summary.json", summary.to_dict())
+    distributed.barrier(world)  # no rank exits (which ends the launch) before rank 0 has written
     emit.event("end", summary.to_dict())
     return summary
+
+
+class _Records:
+    """metrics for ranks other than 0: kept in memory, never written."""
+
+    def __init__(self):
+        self.records: list[dict] = []
+
+    @property
+    def count(self) -> int:
+        return len(self.records)
+
+    def write(self, record: dict) -> None:
+        self.records.append(record)
+
+    def read(self) -> list[dict]:
+        return list(self.records)
 
 
 class _Emitter:

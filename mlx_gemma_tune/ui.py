@@ -168,6 +168,14 @@ def show_doctor(rep) -> None:
         verdict = "[green]fast[/]" if rep.blas["fast"] else "[yellow]slow[/]"
         t.add_row("BLAS", f"{libs}: {rep.blas['gflops']} GFLOP/s fp32 ({verdict})")
     t.add_row("HF_HUB_OFFLINE", "on" if rep.hf_offline else "off")
+    d = rep.distributed
+    if d.get("error"):
+        t.add_row("Distributed", f"[red]{d['error']}[/]")
+    elif d["size"] > 1:
+        t.add_row("Distributed", f"world size {d['size']} (this is rank {d['rank']})")
+    else:
+        t.add_row("Distributed", "world size 1 (start under mlx.launch to train on several Macs)"
+                  if d["available"] else "not available in this MLX build")
     for o in rep.optional:
         state = o["installed"] or f"[dim]missing[/] — {o['install']}"
         t.add_row(o["package"], f"{state} ({o['enables']})")

@@ -59,10 +59,11 @@ def test_doctor_reports_versions_device_and_blas():
     names = {o["package"] for o in rep["optional"]}
     assert {"torch", "peft", "gguf"} <= names
     assert rep["hf_offline"] is True  # conftest sets HF_HUB_OFFLINE=1
+    assert rep["distributed"]["size"] == 1 and rep["distributed"]["launched"] is False  # not under mlx.launch
 
 
 def test_doctor_table():
     res = run_cli(["doctor"])
     assert res.exit_code == 0
-    for word in ("Python", "mlx-lm", "transformers", "MLX device", "Memory"):
+    for word in ("Python", "mlx-lm", "transformers", "MLX device", "Memory", "world size 1"):
         assert word in res.stdout

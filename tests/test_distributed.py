@@ -1,0 +1,152 @@
+"""`train --distributed`: two local ranks under mlx.launch (ring backend on 127.0.0.1) train the same
+adapter as one process over the same global batches, only rank 0 writes, and Ctrl-C + --resume
+continue exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import run_cli
+
+ROWS = [{"prompt": f"Question {i}: " + "why " * (i % 7) + "?", "completion": f"Answer {i}" + "!" * (i % 5)}
+        for i in range(22)]
+SETS = ["train.iters=24", "train.batch_size=4", "train.report_every=1", "train.save_every=4", "train.eval_every=6",
+        "data.valid_fraction=0.2", "lora.rank=4", "lora.dropout=0.0", "train.lr=1e-3"]
+
+# Installed in both ranks (sitecustomize on PYTHONPATH): logs the pid and every file the process
+# opens for writing, renames, creates or deletes (mx.save_safetensors writes a temporary file
+# that fsio renames into place, so MLX's own writes show up as renames).
+WRITE_LOG = r'''
+import os, sys
+if os.environ.get("MGT_WRITE_LOG") and "MLX_RANK" in os.environ:
+    _log = open(os.path.join(os.environ["MGT_WRITE_LOG"], "rank%s.log" % os.environ["MLX_RANK"]), "a", buffering=1)
+    _log.write("pid %d\n" % os.getpid())
+    _WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+    def _hook(event, args):
+        if event == "open":
+            path, mode, flags = args
+            if not isinstance(path, (str, bytes, os.PathLike)):
+                return
+            if (mode and any(c in mode for c in "wax+")) or (mode is None and flags & _WRITE):
+                _log.write("open %s\n" % os.fsdecode(path))
+        elif event in ("os.rename", "os.replace", "os.mkdir", "os.remove", "os.rmdir", "shutil.rmtree",
+                       "os.truncate", "os.symlink"):
+            _log.write("%s %s\n" % (event, os.fsdecode(args[0]) if isinstance(args[0], (str, bytes)) else args[0]))
+    sys.addaudithook(_hook)
+'''
+
+
+@pytest.fixture(scope="module")
+def setup(hf_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    data = root / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    site = root / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(WRITE_LOG)
+    reference = root / "single"
+    res = run_cli(_train_args(hf_model("gemma3_text"), data, reference))
+    assert res.exit_code == 0, res.output
+    return root, data, site, reference, hf_model("gemma3_text")
+
+
+def _train_args(model, data, out) -> list:
+    return ["train", "--model", model, "--data", data, "-o", out] + [a for s in SETS for a in ("--set", s)]
+
+
+def _launch(setup, args: list, logs: Path) -> subprocess.Popen:
+    root, _, site, _, _ = setup
+    logs.mkdir(exist_ok=True)
+    env = os.environ | {"MGT_WRITE_LOG": str(logs), "PYTHONPATH": os.pathsep.join([str(site), os.environ.get(
+        "PYTHONPATH", "")])}
+    launch = Path(sys.executable).parent / "mlx.launch"
+    cmd = [str(launch), "--backend", "ring", "--hosts", "127.0.0.1,127.0.0.1", "--",
+           sys.executable, "-m", "mlx_gemma_tune", *map(str, args)]
+    return subprocess.Popen(cmd, env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _written(logs: Path, rank: int, under: list[Path]) -> list[str]:
+    lines = (logs / f"rank{rank}.log").read_text().splitlines()
+    return [line for line in lines if not line.startswith("pid ")
+            and any(line.split(" ", 1)[1].startswith(str(u)) for u in under)]
+
+
+def _metrics(run: Path) -> list[tuple]:
+    return [(r["type"], r["step"], r.get("loss", r.get("val_loss")))
+            for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+
+
+def _assert_same_run(run: Path, reference: Path) -> None:
+    import mlx.core as mx
+
+    got, want = _metrics(run), _metrics(reference)
+    assert [g[:2] for g in got] == [w[:2] for w in want]  # the same train and validation records
+    assert max(abs(g[2] - w[2]) for g, w in zip(got, want)) < 1e-5
+    a, b = mx.load(str(run / "adapters.safetensors")), mx.load(str(reference / "adapters.safetensors"))
+    assert a.keys() == b.keys()
+    assert max(float(mx.abs(a[k] - b[k]).max()) for k in a) < 1e-5
+    assert max(float(mx.abs(b[k]).max()) for k in b if "lora_b" in k) > 1e-3  # the adapter did move
+
+
+def test_two_ranks_train_the_single_process_adapter_and_only_rank_0_writes(setup):
+    root, data, _, reference, model = setup
+    run, logs = root / "two", root / "logs-two"
+    cache = Path(os.environ["MLX_GEMMA_TUNE_CACHE"])
+    proc = _launch(setup, _train_args(model, data, run) + ["--distributed"], logs)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    _assert_same_run(run, reference)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 24 and summary["best_val_loss"] == pytest.approx(
+        json.loads((reference / "summary.json").read_text())["best_val_loss"], abs=1e-5)
+    # rank 0 wrote the run (the hook sees it); rank 1 wrote nothing there nor in the model cache
+    assert any("adapters.safetensors" in line for line in _written(logs, 0, [run]))
+    assert _written(logs, 1, [run, cache, root]) == []
+    assert out.count("Run directory") == 1  # one summary, from rank 0
+
+
+def test_ctrl_c_on_rank_0_stops_every_rank_and_resume_continues_exactly(setup):
+    root, data, _, reference, model = setup
+    run, logs = root / "interrupted", root / "logs-int"
+    proc = _launch(setup, _train_args(model, data, run) + ["--distributed"], logs)
+    deadline = time.monotonic() + 240
+    while not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().count('"train"') >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "timeout"
+        time.sleep(0.001)
+    rank0 = int((logs / "rank0.log").read_text().splitlines()[0].split()[1])
+    os.kill(rank0, signal.SIGINT)  # Ctrl-C reaching one process only
+    _, err = proc.communicate(timeout=240)
+    assert f"mlx-gemma-tune train --resume {run}" in err
+    stopped = json.loads((run / "summary.json").read_text())["steps"]
+    assert 3 <= stopped < 24 and (run / "checkpoints" / f"step-{stopped:08d}").is_dir()
+
+    resumed = _launch(setup, ["train", "--resume", run, "--distributed"], root / "logs-resume")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    _assert_same_run(run, reference)
+    assert _written(root / "logs-resume", 1, [run]) == []
+
+
+def test_distributed_outside_mlx_launch_is_one_clear_error(hf_model, tmp_path):
+    res = run_cli(["train", "--model", hf_model("gemma3_text"), "--data", tmp_path / "d.jsonl", "-o", tmp_path / "r",
+                   "--distributed"])
+    assert res.exit_code == 1
+    assert "mlx.launch" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_doctor_reports_the_world_size_under_mlx_launch(setup):
+    proc = _launch(setup, ["doctor", "--json"], setup[0] / "logs-doctor")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    worlds = sorted((r["distributed"]["rank"], r["distributed"]["size"])
+                    for r in json.loads("[" + out.replace("}\n{", "},{") + "]"))
+    assert worlds == [(0, 2), (1, 2)]
