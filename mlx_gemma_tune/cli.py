@@ -79,21 +79,24 @@ def cli(debug: bool) -> None:
               help="Dtype of the weights that are not quantized. Default: the checkpoint's own dtype.")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when SRC is a repo id.")
 @click.option("--force", is_flag=True, help="Replace OUT if it already exists (only once the new model is complete).")
+@click.option("--multimodal", is_flag=True,
+              help="Keep the vision and audio towers (Gemma 4, converted by mlx-vlm) for image fine-tuning.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def convert(src, out, quantize, group_size, dtype, revision, force, as_json):
+def convert(src, out, quantize, group_size, dtype, revision, force, multimodal, as_json):
     """Convert a Hugging Face Gemma checkpoint (SRC: local directory or hub id) to MLX.
 
     \b
     Examples:
       mlx-gemma-tune convert google/gemma-3n-E2B-it -o models/gemma-3n-e2b
       mlx-gemma-tune convert ./gemma-4-E2B-it -o models/e2b-4bit --quantize 4
+      mlx-gemma-tune convert google/gemma-4-E2B-it -o models/e2b-vision --multimodal
     """
     from mlx_gemma_tune import ui
     from mlx_gemma_tune.convert import convert as run
 
     with ui.status("Converting") as progress:
         result = run(src, out, quantize=int(quantize) if quantize else None, group_size=int(group_size),
-                     dtype=dtype, force=force, revision=revision, progress=progress)
+                     dtype=dtype, force=force, revision=revision, progress=progress, multimodal=multimodal)
     if as_json:
         ui.print_json(result.to_dict())
     else:

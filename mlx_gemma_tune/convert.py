@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -44,6 +45,7 @@ class ConvertResult:
     dropped: list[dict] = field(default_factory=list)  # {"component", "tensors", "parameters"}
     size_bytes: int = 0
     seconds: float = 0.0
+    multimodal: bool = False  # the towers are kept (mlx-vlm)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -59,8 +61,12 @@ def convert(
     force: bool = False,
     revision: str | None = None,
     progress: Progress | None = None,
+    multimodal: bool = False,
 ) -> ConvertResult:
-    """Convert `src` (local directory or hub id) to an MLX model directory at `out`."""
+    """Convert `src` (local directory or hub id) to an MLX model directory at `out`.
+
+    multimodal: keep the vision (and audio) towers, converted by mlx-vlm (Gemma 4), for image
+    fine-tuning and `chat --image`; otherwise the text model alone, by mlx-lm."""
     started = time.monotonic()
     say = progress or (lambda _msg: None)
     if quantize is not None and quantize not in QUANT_BITS:
@@ -85,6 +91,9 @@ def convert(
     say("Checking weight files")
     files = [checkpoint.inspect_weights(p) for p in checkpoint.weight_files(source.path)]
     checkpoint.check_float_weights(files, source.path)
+    if multimodal:
+        return _convert_multimodal(source, files, config, detected, out, dtype or _source_dtype(config), quantize,
+                                   started, say)
 
     say("Loading the text model with mlx-lm")
     model, mlx_config, tokenizer = _load(source.path, detected)
@@ -104,31 +113,9 @@ def convert(
     say("Writing the MLX model")
     with fsio.staged_dir(out) as tmp:
         _save(tmp, model, mlx_config, tokenizer, source.path)
-        provenance = {
-            "tool": "mlx-gemma-tune",
-            "tool_version": __version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "source": {
-                "path": str(source.path),
-                "repo_id": source.repo_id,
-                "revision": source.revision,
-                "weights_sha256": checkpoint.combined_hash(files),
-                "files": {f.name: {"size": f.size, "sha256": f.sha256} for f in files},
-            },
-            "family": detected.family.name,
-            "model_type": detected.model_type,
-            "variant": detected.variant,
-            "original_config": config,
-            "conversion": {
-                "dtype": target_dtype,
-                "quantization": quant_info,
-                "kept_at_higher_precision": kept_high,
-                "unquantized": left_alone,
-                "dropped": dropped,
-            },
-            "versions": _versions(),
-        }
-        fsio.atomic_write_json(tmp / PROVENANCE_FILE, provenance)
+        conversion = {"dtype": target_dtype, "quantization": quant_info, "kept_at_higher_precision": kept_high,
+                      "unquantized": left_alone, "dropped": dropped}
+        fsio.atomic_write_json(tmp / PROVENANCE_FILE, _provenance(source, files, config, detected, conversion))
     return ConvertResult(
         family=detected.family.display,
         variant=detected.variant,
@@ -145,6 +132,52 @@ def convert(
         size_bytes=fsio.dir_size(out),
         seconds=round(time.monotonic() - started, 2),
     )
+
+
+def _provenance(source, files, config: dict, detected, conversion: dict) -> dict:
+    return {
+        "tool": "mlx-gemma-tune",
+        "tool_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": {
+            "path": str(source.path),
+            "repo_id": source.repo_id,
+            "revision": source.revision,
+            "weights_sha256": checkpoint.combined_hash(files),
+            "files": {f.name: {"size": f.size, "sha256": f.sha256} for f in files},
+        },
+        "family": detected.family.name,
+        "model_type": detected.model_type,
+        "variant": detected.variant,
+        "original_config": config,
+        "conversion": conversion,
+        "versions": _versions(),
+    }
+
+
+def _convert_multimodal(source, files, config: dict, detected, out: Path, dtype: str | None, quantize: int | None,
+                        started: float, say: Progress) -> ConvertResult:
+    """The whole model, towers included, converted by mlx-vlm (never running remote code)."""
+    from mlx_vlm import convert as vlm_convert
+
+    from mlx_gemma_tune import multimodal
+
+    multimodal.check_model(config, str(source.path / "config.json"))
+    if quantize:
+        raise UserError("--quantize with --multimodal is not supported yet", hint="convert in float (--dtype)")
+    say("Converting the model and its towers with mlx-vlm")
+    with fsio.staged_dir(out) as tmp:
+        with contextlib.redirect_stdout(io.StringIO()):  # mlx-vlm prints its progress; ours goes through `say`
+            vlm_convert(hf_path=str(source.path), mlx_path=str(tmp), dtype=dtype, trust_remote_code=False)
+        (tmp / "README.md").unlink(missing_ok=True)  # mlx-vlm's model card names a hub repo this is not
+        conversion = {"dtype": dtype, "quantization": None, "multimodal": True, "converter": "mlx-vlm"}
+        fsio.atomic_write_json(tmp / PROVENANCE_FILE, _provenance(source, files, config, detected, conversion))
+    parameters = sum(math.prod(shape) for f in checkpoint.weight_files(out)
+                     for _, shape in checkpoint.inspect_weights(f, hash_it=False).tensors.values())
+    return ConvertResult(family=detected.family.display, variant=detected.variant, model_type=detected.model_type,
+                         source=source.describe(), output=str(out), dtype=dtype or "as stored", parameters=parameters,
+                         quantization=None, size_bytes=fsio.dir_size(out),
+                         seconds=round(time.monotonic() - started, 2), multimodal=True)
 
 
 def _load(path: Path, detected: families.Detected):

@@ -22,6 +22,7 @@ class Example:
     tokens: list[int]
     mask: list[bool]  # True where the token is a training target (predicted from the one before)
     source: str  # "file:line", for messages
+    extra: dict | None = None  # image rows: numpy pixel_values / mm_token_type_ids (see multimodal.py)
 
 
 def hf_tokenizer(tokenizer):
@@ -92,12 +93,23 @@ def encode_row(tokenizer, row, mask_prompt: bool = True) -> Example:
     return Example(tokens=tokens, mask=[True] * len(tokens), source=row.where)
 
 
+def _cut_extra(ex: Example, max_len: int) -> dict | None:
+    """An image row's extras for its first max_len tokens; an image is never cut."""
+    if not ex.extra:
+        return ex.extra
+    kinds = ex.extra.get("mm_token_type_ids")
+    if kinds is not None and kinds[0, max_len:].any():
+        raise InputError(f"is {len(ex.tokens)} tokens and truncating it to data.max_seq_length {max_len} would cut "
+                         "an image", where=ex.source, hint="raise data.max_seq_length, or use fewer or smaller images")
+    return {**ex.extra, **({"mm_token_type_ids": kinds[:, :max_len]} if kinds is not None else {})}
+
+
 def fit_length(ex: Example, max_len: int, policy: str) -> Example | None:
     """Apply data.overlong to one example: the example, a truncated copy, or None (dropped)."""
     if len(ex.tokens) <= max_len:
         return ex
     if policy == "truncate":
-        return Example(ex.tokens[:max_len], ex.mask[:max_len], ex.source)
+        return Example(ex.tokens[:max_len], ex.mask[:max_len], ex.source, _cut_extra(ex, max_len))
     if policy == "drop":
         return None
     raise InputError(f"is {len(ex.tokens)} tokens, longer than data.max_seq_length {max_len}", where=ex.source,

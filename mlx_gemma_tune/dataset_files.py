@@ -321,13 +321,42 @@ def _chat(msgs: object, key: str, where: str) -> list[dict]:
         if canonical is None:
             raise InputError(f"message {i} has unknown role '{role}'", where=where,
                              hint="use system, user or assistant (model, human and gpt are accepted too)")
+        if isinstance(content, list):  # multimodal parts: text and images (paths relative to the file)
+            parts = _parts(content, i, where)
+            if canonical == "assistant" and any(p["type"] == "image" for p in parts):
+                raise InputError(f"message {i} is an assistant turn with an image; only text can be learned",
+                                 where=where)
+            out.append({"role": canonical, "content": "".join(p.get("text", "") for p in parts), "parts": parts})
+            continue
         if not isinstance(content, str):
-            raise InputError(f"message {i} content must be a string, not {_kind(content)}", where=where,
-                             hint="only text conversations are supported")
+            raise InputError(f"message {i} content must be a string or a list of parts, not {_kind(content)}",
+                             where=where, hint='parts: {"type": "text", "text": ...} or {"type": "image", '
+                                               '"image": "path/to.png"}')
         out.append({"role": canonical, "content": content})
     if not any(m["role"] == "assistant" for m in out):
         raise InputError("has no assistant message to learn from", where=where)
     return out
+
+
+def _parts(content: list, i: int, where: str) -> list[dict]:
+    parts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            parts.append({"type": "text", "text": part["text"]})
+        elif kind == "image" and isinstance(part.get("image", part.get("path")), str):
+            parts.append({"type": "image", "image": part.get("image", part.get("path"))})
+        elif kind in ("audio", "video"):
+            raise InputError(f"message {i} part {j} is {kind}; only text and image parts are supported", where=where)
+        else:
+            raise InputError(f"message {i} part {j} must be {{\"type\": \"text\", \"text\": ...}} or "
+                             f"{{\"type\": \"image\", \"image\": \"path\"}}, not {_kind(part)}", where=where)
+    return parts
+
+
+def images_of(row: Row) -> list[str]:
+    """The image paths of a chat row, in order (as written in the dataset)."""
+    return [p["image"] for m in row.messages or [] for p in m.get("parts", []) if p["type"] == "image"]
 
 
 def _kind(value: object) -> str:

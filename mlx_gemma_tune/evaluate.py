@@ -28,9 +28,14 @@ def dataset_loss(model, examples: list[data.Example], batch_size: int = 4,
     """Mean token cross-entropy (training forward: no cache) and the number of target tokens."""
     import mlx.core as mx
 
+    from mlx_gemma_tune import multimodal
+
     total, count, done = 0.0, 0, 0
-    for inputs, targets, mask in data.batches(examples, batch_size):
-        s, n = losses.masked_cross_entropy(model, inputs, targets, mask)
+    images = [e for e in examples if e.extra is not None]
+    batches = ([multimodal.batch(e) for e in images] if images else
+               ((*b, None, None) for b in data.batches(examples, batch_size)))
+    for inputs, targets, mask, _, extra in batches:
+        s, n = losses.masked_cross_entropy(model, inputs, targets, mask, extra=extra)
         mx.eval(s, n)
         total += float(s)
         count += int(n)

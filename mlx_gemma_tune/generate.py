@@ -53,12 +53,21 @@ def resolve_target(model_or_run: str) -> tuple[str, Path | None]:
     return str(p), None
 
 
+def user_message(text: str, images: list[str] | None = None) -> dict:
+    """A user turn; with images, in the dataset's parts form (images first, absolute paths)."""
+    if not images:
+        return {"role": "user", "content": text}
+    parts = [{"type": "image", "image": str(Path(p).expanduser().absolute())} for p in images]
+    return {"role": "user", "content": text, "parts": parts + [{"type": "text", "text": text}]}
+
+
 class ChatSession:
     """A conversation with a model and (optionally) a LoRA adapter that can be switched off/on/swapped."""
 
     def __init__(self, model, tokenizer, config: dict, *, system: str | None = None,
-                 sampling: Sampling | None = None, base_path: str = ""):
+                 sampling: Sampling | None = None, base_path: str = "", processor=None):
         self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.processor = processor  # image sessions: mlx-vlm's processor (model is mlx-vlm's)
         self.system = system
         self.sampling = sampling or Sampling()
         self.base_path = base_path
@@ -67,16 +76,27 @@ class ChatSession:
         self._detached: dict | None = None  # adapter layers while the adapter is off
         self.stats = Stats()
         for marker in END_OF_TURN:  # stop at end of turn even if generation_config lacks it
-            if marker in tokenizer.vocab:
+            if marker in tokenizer.vocab and callable(getattr(tokenizer, "add_eos_token", None)):
                 tokenizer.add_eos_token(marker)
 
     @classmethod
-    def open(cls, model_or_run: str, adapter: str | None = None, **kwargs) -> "ChatSession":
+    def open(cls, model_or_run: str, adapter: str | None = None, images: bool = False,
+             **kwargs) -> "ChatSession":
+        """A session on a model or run; images=True loads the vision tower too (mlx-vlm)."""
         from mlx_gemma_tune import models
 
         base, run_adapter = resolve_target(model_or_run)
-        model, tokenizer, config = models.load(models.resolve_model_dir(base))
-        session = cls(model, tokenizer, config, base_path=base, **kwargs)
+        if images:
+            from mlx_gemma_tune import checkpoint, multimodal
+
+            source = multimodal.vision_source(models.resolve_model_dir(base))
+            config = checkpoint.read_config(source)
+            multimodal.check_model(config, str(source))
+            model, processor = multimodal.load(source)
+            session = cls(model, processor.tokenizer, config, base_path=base, processor=processor, **kwargs)
+        else:
+            model, tokenizer, config = models.load(models.resolve_model_dir(base))
+            session = cls(model, tokenizer, config, base_path=base, **kwargs)
         if adapter or run_adapter:
             session.set_adapter(adapter or run_adapter)
         return session
@@ -121,9 +141,9 @@ class ChatSession:
     def reset(self) -> None:
         self.history = []
 
-    def messages_for(self, text: str) -> list[dict]:
+    def messages_for(self, text: str, images: list[str] | None = None) -> list[dict]:
         system = [{"role": "system", "content": self.system}] if self.system else []
-        return system + self.history + [{"role": "user", "content": text}]
+        return system + self.history + [user_message(text, images)]
 
     def _prompt_tokens(self, messages: list[dict]) -> list[int]:
         from mlx_gemma_tune.data import hf_tokenizer
@@ -144,32 +164,54 @@ class ChatSession:
         sampler = make_sampler(temp=s.temp, top_p=s.top_p if s.top_p < 1 else 0.0, min_p=s.min_p,
                                top_k=max(s.top_k, 0))
         self.stats = Stats()
-        for r in stream_generate(self.model, self.tokenizer, self._prompt_tokens(messages),
-                                 max_tokens=s.max_tokens, sampler=sampler):
+        if any("parts" in m for m in messages) and self.processor is None:
+            raise UserError("images need a session with the vision tower", hint="pass --image")
+        if self.processor is not None:
+            responses = self._stream_with_images(messages, sampler)
+        else:
+            responses = stream_generate(self.model, self.tokenizer, self._prompt_tokens(messages),
+                                        max_tokens=s.max_tokens, sampler=sampler)
+        for r in responses:
             self.stats = Stats(r.prompt_tokens, r.generation_tokens, r.generation_tps, r.peak_memory,
                                r.finish_reason)
             if r.text:  # the final response carries the detokenizer's last piece; the stop token is never text
                 yield r.text
 
-    def reply(self, text: str) -> Iterator[str]:
-        """Stream the answer to a user message and add both to the history."""
+    def _stream_with_images(self, messages: list[dict], sampler):
+        """mlx-vlm's generation for a conversation whose user turns may hold images (local files)."""
+        from mlx_vlm.generate import stream_generate as vlm_stream
+
+        from mlx_gemma_tune import multimodal
+
+        paths = [p["image"] for m in messages for p in m.get("parts", []) if p["type"] == "image"]
+        multimodal.open_images(paths, "--image")  # a clear error for a missing or unreadable file
+        prompt = self.tokenizer.apply_chat_template(multimodal.hf_messages(messages), tokenize=False,
+                                                    add_generation_prompt=True)
+        eos = [self.tokenizer.convert_tokens_to_ids(t) for t in END_OF_TURN if t in self.tokenizer.get_vocab()]
+        return vlm_stream(self.model, self.processor, prompt, image=[str(p) for p in paths] or None,
+                          max_tokens=self.sampling.max_tokens, sampler=sampler,
+                          eos_tokens=eos + [self.tokenizer.eos_token_id])
+
+    def reply(self, text: str, images: list[str] | None = None) -> Iterator[str]:
+        """Stream the answer to a user message (with images, in an image session) and add both to the history."""
         parts = []
-        for piece in self.stream(self.messages_for(text)):
+        message = user_message(text, images)
+        for piece in self.stream(self.messages_for(text, images)):
             parts.append(piece)
             yield piece
-        self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(parts).strip()}]
+        self.history += [message, {"role": "assistant", "content": "".join(parts).strip()}]
 
-    def compare(self, text: str) -> tuple[str, str]:
+    def compare(self, text: str, images: list[str] | None = None) -> tuple[str, str]:
         """(base answer, tuned answer) to the same prompt; the tuned one joins the history."""
         if self.adapter is None:
             raise UserError("/compare needs an adapter", hint="load one with /adapter PATH")
-        messages = self.messages_for(text)
+        messages = self.messages_for(text, images)
         self.disable_adapter()
         try:
             base = "".join(self.stream(messages)).strip()
         finally:
             self.enable_adapter()
-        tuned = "".join(self.reply(text)).strip()
+        tuned = "".join(self.reply(text, images)).strip()
         return base, tuned
 
     def transcript(self) -> dict:
@@ -300,14 +342,16 @@ def read_prompts(path) -> list[str]:
     return prompts
 
 
-def generate_answers(session: ChatSession, prompts: list[str], compare: bool = False) -> list[Answer]:
+def generate_answers(session: ChatSession, prompts: list[str], compare: bool = False,
+                     images: list[str] | None = None) -> list[Answer]:
+    """One answer per prompt (each with `images`, in an image session), from a fresh conversation."""
     out = []
     for prompt in prompts:
         session.reset()
         if compare:
-            base, tuned = session.compare(prompt)
+            base, tuned = session.compare(prompt, images)
             out.append(Answer(prompt, tuned, base, asdict(session.stats)))
         else:
-            text = "".join(session.reply(prompt)).strip()
+            text = "".join(session.reply(prompt, images)).strip()
             out.append(Answer(prompt, text, None, asdict(session.stats)))
     return out

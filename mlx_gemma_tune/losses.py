@@ -135,14 +135,15 @@ def _chunked_head_loss(linear, cap, chunk: int, grad: bool):
 
 
 def masked_cross_entropy(model, inputs, targets, mask, segments=None, chunk: int | None = DEFAULT_CHUNK,
-                         selected=None, grad: bool = False):
+                         selected=None, grad: bool = False, extra: dict | None = None):
     """(sum of token losses, number of target tokens) over the masked positions, in float32.
 
     segments: packed rows' ids (see packing.py), or None. chunk: target tokens per slice of
     logits; None or 0 computes the plain loss over full logits. selected: select_targets(mask)
     when the caller has it (a compiled step must pass it: the mask is not readable inside).
     grad: the caller differentiates this loss (a training step); any value is correct, True makes
-    the chunked loss's backward pass cheap and False its forward pass.
+    the chunked loss's backward pass cheap and False its forward pass. extra: an image row's model
+    inputs (pixel_values, ...) for an mlx-vlm model; its loss runs over the full logits.
     """
     import mlx.core as mx
     import mlx.nn as nn
@@ -152,9 +153,10 @@ def masked_cross_entropy(model, inputs, targets, mask, segments=None, chunk: int
         from mlx_gemma_tune import packing
 
         cache = packing.attention_cache(model, segments)
-    parts = split_head(model) if chunk else None
+    parts = split_head(model) if chunk and not extra else None
     if parts is None:
-        logits = model(inputs, cache=cache).astype(mx.float32)
+        out = model(inputs, cache=cache, **extra) if extra else model(inputs, cache=cache)
+        logits = getattr(out, "logits", out).astype(mx.float32)  # mlx-vlm returns an output object
         ce = nn.losses.cross_entropy(logits, targets, reduction="none")
         return mx.where(mask > 0, ce * mask, 0.0).sum(), mask.sum()
     hidden_fn, linear, cap = parts

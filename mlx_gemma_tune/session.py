@@ -104,10 +104,14 @@ def prepare_run(recipe_ref: str | None = None, *, model: str | None = None, data
     base = convert.ensure_base(recipe.model.path, recipe.model.quantize, progress=say)
     if world.main:
         distributed.barrier(world)
-    say("Loading the base model")
-    model_obj, tokenizer, config = models.load(base)
-    say("Tokenizing")
-    train, valid, notes = _examples(tokenizer, splits, recipe)
+    images = any(dataset_files.images_of(r) for rows in splits.values() for r in rows or [])
+    say("Loading the base model" + (" with its vision tower (mlx-vlm)" if images else ""))
+    if images:
+        model_obj, tokenizer, config = _vision_model(base, recipe)
+    else:
+        model_obj, tokenizer, config = models.load(base)
+    say("Tokenizing" + (" and reading the images" if images else ""))
+    train, valid, notes = _examples(tokenizer, splits, recipe, images)
 
     import mlx.core as mx
 
@@ -132,10 +136,26 @@ def prepare_run(recipe_ref: str | None = None, *, model: str | None = None, data
                     world=world)
 
 
-def _examples(tokenizer, splits: dict, recipe: recipes.Recipe):
+def _vision_model(base: Path, recipe: recipes.Recipe):
+    """(mlx-vlm model with the towers, processor, config) for a run whose dataset has images."""
+    from mlx_gemma_tune import checkpoint, multimodal
+
+    source = multimodal.vision_source(base)
+    config = checkpoint.read_config(source)
+    multimodal.check_model(config, str(source))
+    if recipe.model.quantize:
+        raise UserError("model.quantize is not supported for image fine-tuning yet", where="model.quantize",
+                        hint="train the float model (LoRA on the language model keeps the memory small)")
+    if recipe.data.pack:
+        raise UserError("data.pack cannot pack image rows", where="data.pack", hint="set data.pack: false")
+    model, processor = multimodal.load(source)
+    return model, processor, config
+
+
+def _examples(tokenizer, splits: dict, recipe: recipes.Recipe, images: bool = False):
     import numpy as np
 
-    from mlx_gemma_tune import data
+    from mlx_gemma_tune import data, multimodal
 
     d = recipe.data
     notes = {"truncated": 0, "dropped": 0, "held_out": 0}
@@ -143,7 +163,12 @@ def _examples(tokenizer, splits: dict, recipe: recipes.Recipe):
     def encode(rows):
         out = []
         for row in rows:
-            ex = data.encode_row(tokenizer, row, d.mask_prompt)
+            if images:
+                ex = multimodal.encode_row(tokenizer, row, d.mask_prompt) if row.messages else None
+                if ex is None:
+                    raise InputError("image fine-tuning needs chat rows (messages)", where=row.where)
+            else:
+                ex = data.encode_row(tokenizer, row, d.mask_prompt)
             fitted = data.fit_length(ex, d.max_seq_length, d.overlong)
             if fitted is None:
                 notes["dropped"] += 1

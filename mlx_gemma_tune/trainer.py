@@ -69,6 +69,9 @@ def make_step(model, optimizer, max_grad_norm: float | None = None, *, compile: 
     def packed(inputs, targets, mask, segments, idx, weights):
         return value_and_grad(model, inputs, targets, mask, segments, chunk, (idx, weights), True)
 
+    def with_images(inputs, targets, mask, extra):  # not compiled: image sizes vary row to row
+        return value_and_grad(model, inputs, targets, mask, None, None, None, True, extra)
+
     if compile:
         # value_and_grad puts its (traced) parameters into the model, and dropout advances the
         # random state: both are outputs too, as in mlx-lm's compiled step
@@ -80,9 +83,11 @@ def make_step(model, optimizer, max_grad_norm: float | None = None, *, compile: 
     def step(micro_batches):
         grads, total, count = None, mx.array(0.0), mx.array(0.0)
         for inputs, targets, mask, *rest in micro_batches:
-            segments = rest[0] if rest else None
-            selected = losses.select_targets(mask, chunk) if chunk else dummy
-            if segments is None:
+            segments, extra = (list(rest) + [None, None])[:2]
+            selected = losses.select_targets(mask, chunk) if chunk and not extra else dummy
+            if extra:
+                (s, n), g = with_images(inputs, targets, mask, extra)
+            elif segments is None:
                 (s, n), g = plain(inputs, targets, mask, *selected)
             else:
                 (s, n), g = packed(inputs, targets, mask, segments, *selected)
@@ -215,7 +220,7 @@ def run(prepared, *, callback=None, control: Control | None = None) -> TrainSumm
     import mlx.optimizers as optim
     from mlx.utils import tree_flatten, tree_unflatten
 
-    from mlx_gemma_tune import distributed, evaluate, lora, memory, models, packing, rundir
+    from mlx_gemma_tune import distributed, evaluate, lora, memory, models, multimodal, packing, rundir
 
     p = prepared
     world = p.world
@@ -253,7 +258,9 @@ def run(prepared, *, callback=None, control: Control | None = None) -> TrainSumm
             epoch_cache.clear()
             epoch_cache[epoch] = epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch, bins)
         seqs = [[p.train[i] for i in seq] for seq in distributed.shard(epoch_cache[epoch][index], world)]
-        return (packing.batch_arrays(seqs) if seqs else None), epoch
+        if seqs and seqs[0][0].extra is not None:  # image rows: one row at a time (images differ in size)
+            return [multimodal.batch(seq[0]) for seq in seqs], epoch
+        return ([packing.batch_arrays(seqs)] if seqs else []), epoch
 
     def validate() -> float:
         model.eval()
@@ -299,9 +306,8 @@ def run(prepared, *, callback=None, control: Control | None = None) -> TrainSumm
             first = (step - 1) * cfg.grad_accumulation
             micro, epoch = [], 0
             for m in range(first, first + cfg.grad_accumulation):
-                batch, epoch = micro_batch(m)
-                if batch is not None:
-                    micro.append(batch)
+                batches, epoch = micro_batch(m)
+                micro += batches
             loss, count, norm, ok = step_fn(micro)
             if not ok:
                 raise _non_finite(step, loss, norm, str(last_ckpt) if last_ckpt else None)

@@ -126,7 +126,7 @@ def show_convert(r) -> None:
     t.add_row("Family", f"{r.family} — {r.variant} ({r.model_type})")
     t.add_row("Source", r.source)
     t.add_row("Output", r.output)
-    t.add_row("Parameters", f"{human_count(r.parameters)} (text model)")
+    t.add_row("Parameters", f"{human_count(r.parameters)} " + ("(with the towers)" if r.multimodal else "(text model)"))
     t.add_row("Dtype", r.dtype)
     if r.quantization:
         q = r.quantization

@@ -1,0 +1,169 @@
+"""Image fine-tuning of Gemma 4 through mlx-vlm: data with image parts, assistant-only masks, training
+that lowers the loss and changes the answer, exact resume, `generate --image`, `convert --multimodal`,
+and an HF export that keeps the towers and matches MLX on an image+text input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from helpers import assert_one_line_error, run_cli
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 50, 220), "yellow": (230, 220, 40)}
+SETS = ["train.iters=12", "train.batch_size=4", "lora.rank=8", "train.lr=5e-3", "data.valid_fraction=0",
+        "train.report_every=1", "train.save_every=4"]
+
+
+def _sets(extra=()):
+    return [a for s in [*SETS, *extra] for a in ("--set", s)]
+
+
+@pytest.fixture(scope="module")
+def image_data(tmp_path_factory):
+    """16 chat rows: a coloured picture (generated here) and the colour's name as the answer."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images")
+    (root / "img").mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(16):
+        name = list(COLOURS)[i % 4]
+        noise = rng.integers(-20, 20, (24 + 8 * (i % 3), 40, 3))
+        Image.fromarray(np.clip(np.array(COLOURS[name]) + noise, 0, 255).astype(np.uint8)).save(root / "img" / f"{i}.png")
+        rows.append({"messages": [
+            {"role": "user", "content": [{"type": "image", "image": f"img/{i}.png"}, {"type": "text", "text": "Colour?"}]},
+            {"role": "assistant", "content": name}]})
+    data = root / "colours.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data
+
+
+@pytest.fixture(scope="module")
+def image_run(hf_model, image_data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("image-run") / "run"
+    res = run_cli(["train", "--model", hf_model("gemma4_edge"), "--data", image_data, "-o", run, *_sets()])
+    assert res.exit_code == 0, res.output
+    return run
+
+
+def test_only_the_assistant_text_is_learned(hf_model, image_data):
+    from mlx_gemma_tune import dataset_files, multimodal
+
+    model, processor = multimodal.load(hf_model("gemma4_edge"))
+    row = dataset_files.read_rows(image_data)[0]
+    ex = multimodal.encode_row(processor, row)
+    tok = processor.tokenizer
+    image_id = tok.convert_tokens_to_ids(processor.image_token)
+    assert 40 < ex.tokens.count(image_id) <= 70  # up to the fixture's 70 soft tokens per image, in the user turn
+    targets = [t for t, m in zip(ex.tokens, ex.mask) if m]
+    assert tok.decode(targets) == "red<turn|>\n"  # the answer and its end of turn, as in text runs
+    assert ex.extra["pixel_values"].shape[:2] == (1, 3)
+
+
+def test_image_training_lowers_the_loss_and_changes_the_answer(image_run, image_data):
+    losses = [r["loss"] for r in map(json.loads, (image_run / "metrics.jsonl").read_text().splitlines())
+              if r["type"] == "train"]
+    assert len(losses) == 12 and losses[-1] < losses[0] / 3
+    res = run_cli(["generate", image_run, "--image", image_data.parent / "img" / "2.png", "--prompt", "Colour?",
+                   "--compare", "--temp", "0", "--max-tokens", "4", "--json"])
+    assert res.exit_code == 0, res.output
+    answer = json.loads(res.stdout)[0]
+    assert answer["answer"] in COLOURS and answer["answer"] != answer["base"]
+
+
+def test_export_keeps_the_towers_and_matches_mlx_on_an_image(image_run, image_data, hf_model, tmp_path):
+    import mlx.core as mx
+    import torch
+    from PIL import Image
+    from safetensors.numpy import load_file
+    from transformers import Gemma4ForConditionalGeneration
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    from mlx_gemma_tune import dataset_files, multimodal
+    from mlx_gemma_tune.generate import ChatSession
+
+    out = tmp_path / "hf"
+    res = run_cli(["export", image_run, "--format", "hf", "-o", out, "--dtype", "float32"])
+    assert res.exit_code == 0, res.output
+    exported = {}
+    for f in out.glob("model-*.safetensors"):
+        exported.update(load_file(f))
+    source = load_file(hf_model("gemma4_edge") / "model.safetensors")
+    towers = [k for k in source if k.startswith(("model.vision_tower.", "model.embed_vision.", "model.audio_tower."))]
+    assert towers and all(np.array_equal(exported[k], source[k]) for k in towers)  # byte for byte
+
+    session = ChatSession.open(str(image_run), images=True)  # MLX: mlx-vlm's model + the run's adapter
+    row = dataset_files.read_rows(image_data)[2]
+    inputs, _, _, _, extra = multimodal.batch(multimodal.encode_row(session.processor, row))
+    ours = np.array(session.model(inputs, **extra).logits[0].astype(mx.float32))
+    hf = Gemma4ForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
+    pixels = Gemma4ImageProcessorPil(max_soft_tokens=70)(
+        images=[Image.open(image_data.parent / "img" / "2.png").convert("RGB")], return_tensors="pt")
+    with torch.no_grad():
+        theirs = hf(input_ids=torch.tensor(np.array(inputs)), pixel_values=pixels["pixel_values"],
+                    image_position_ids=pixels["image_position_ids"],
+                    mm_token_type_ids=torch.tensor(np.array(extra["mm_token_type_ids"]))).logits[0].numpy()
+    assert np.abs(theirs).max() > 1.0
+    assert np.abs(ours - theirs).max() < 1e-4
+
+
+def test_an_interrupted_image_run_resumes_exactly(hf_model, image_data, image_run, tmp_path):
+    import mlx.core as mx
+
+    from mlx_gemma_tune import session, trainer
+
+    class StopAt5:
+        def on_train_report(self, info):
+            if info["step"] == 5:
+                control.request_stop()
+
+        def on_val_report(self, info):
+            pass
+
+    control = trainer.Control()
+    run = tmp_path / "run"
+    first = trainer.run(session.prepare_run(model=str(hf_model("gemma4_edge")), data=str(image_data), out=str(run),
+                                            sets=tuple(SETS)), callback=StopAt5(), control=control)
+    assert first.interrupted and first.steps == 5
+    final = trainer.run(session.prepare_run(resume=str(run)))
+    assert final.steps == 12
+    a, b = mx.load(str(run / "adapters.safetensors")), mx.load(str(image_run / "adapters.safetensors"))
+    assert a.keys() == b.keys() and all(k.startswith("language_model.model.layers.") for k in a)
+    assert max(float(mx.abs(a[k] - b[k]).max()) for k in a) < 1e-6
+
+
+def test_convert_multimodal_keeps_the_towers_for_training_and_chat(hf_model, image_data, tmp_path):
+    from mlx_gemma_tune import multimodal
+
+    out = tmp_path / "vision"
+    res = run_cli(["convert", hf_model("gemma4_dense"), "-o", out, "--multimodal", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["multimodal"] is True
+    assert multimodal.has_vision_weights(out)
+    assert json.loads((out / "provenance.json").read_text())["source"]["path"] == str(hf_model("gemma4_dense"))
+    run = tmp_path / "run"
+    res = run_cli(["train", "--model", out, "--data", image_data, "-o", run, *_sets(["train.iters=2"])])
+    assert res.exit_code == 0, res.output
+    res = run_cli(["generate", run, "--image", image_data.parent / "img" / "0.png", "--prompt", "Colour?",
+                   "--temp", "0", "--max-tokens", "3", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)[0]["answer"] is not None
+
+
+def test_image_refusals_are_one_clear_line(hf_model, image_data, tmp_path):
+    res = run_cli(["train", "--model", hf_model("gemma3n"), "--data", image_data, "-o", tmp_path / "a", *_sets()])
+    assert_one_line_error(res, "Gemma 3n", "mlx-vlm")
+    res = run_cli(["train", "--model", hf_model("gemma3_text"), "--data", image_data, "-o", tmp_path / "b", *_sets()])
+    assert_one_line_error(res, "no vision tower", "convert --multimodal")
+    broken = tmp_path / "missing.jsonl"
+    row = json.loads(image_data.read_text().splitlines()[0])
+    row["messages"][0]["content"][0]["image"] = "img/nope.png"
+    broken.write_text(json.dumps(row) + "\n")
+    res = run_cli(["train", "--model", hf_model("gemma4_edge"), "--data", broken, "-o", tmp_path / "c", *_sets()])
+    assert_one_line_error(res, "image not found", "nope.png", f"{broken}:1")
+    res = run_cli(["convert", hf_model("gemma3_text"), "-o", tmp_path / "d", "--multimodal"])
+    assert_one_line_error(res, "no vision tower")
+    assert not any((tmp_path / n).exists() for n in "abcd")
