@@ -6,6 +6,7 @@ Library modules are imported inside the commands so `--help` stays instant.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import click
@@ -26,6 +27,9 @@ class App(click.Group):
         debug = "--debug" in argv
         # under mlx.launch every process prints its own errors: say which
         who = f"[rank {os.environ['MLX_RANK']}] " if "--distributed" in argv and "MLX_RANK" in os.environ else ""
+        if "--distributed" in argv and hasattr(signal, "pthread_sigmask"):
+            # before MLX starts its threads: Ctrl-C must not land inside a collective (trainer._install_sigint)
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             code = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
         except UserError as exc:
@@ -50,6 +54,10 @@ class App(click.Group):
             if debug:
                 raise
             first = (str(exc).strip().splitlines() or [""])[0][:300]
+            if who and first.startswith(("[ring]", "[mpi]", "[jaccl]")):  # another process of the launch failed
+                click.echo(f"{who}Error: lost the connection to another process of the distributed run ({first}); "
+                           "its own error is printed above", err=True)
+                sys.exit(1)
             click.echo(f"{who}Error: internal error ({type(exc).__name__}: {first}); rerun with --debug "
                        "for the traceback and please report it", err=True)
             sys.exit(1)

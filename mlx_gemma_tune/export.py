@@ -213,6 +213,13 @@ def export_hf(run_or_fused: str, out: str, *, dtype: str | None = None, base: st
             weights[name] = v.astype(getattr(mx, target)) if mx.issubdtype(v.dtype, mx.floating) else v
             comp = families.tower_component(name) or name.split(".")[-2]
             restored[comp] = restored.get(comp, 0) + 1
+    if merged.adapter is not None:  # an image run's adapter on the vision projector: merged here
+        from mlx_gemma_tune import multimodal
+
+        delta = multimodal.projector_delta(merged.adapter)
+        if delta is not None:
+            w = weights[multimodal.PROJECTOR_HF]
+            weights[multimodal.PROJECTOR_HF] = (w.astype(mx.float32) + delta).astype(w.dtype)
     say("Writing the Hugging Face checkpoint")
     with fsio.staged_dir(out_p) as tmp:
         shards = make_shards(dict(sorted(weights.items())), max_shard_gb)

@@ -148,29 +148,39 @@ def read_config(adapter_dir: Path) -> dict:
     return cfg
 
 
-def load(model, config: dict, adapter_dir: Path) -> LoraSettings:
-    """Wrap `model` as the adapter in `adapter_dir` says and load its weights."""
-    from mlx.utils import tree_flatten
-
-    adapter_dir = Path(adapter_dir)
+def settings_of(adapter_dir: Path, model=None) -> LoraSettings:
+    """The settings an adapter was trained with (a plain mlx-lm adapter's modules need the model)."""
     cfg = read_config(adapter_dir)
     ours = cfg.get("mlx_gemma_tune")
     if ours:
         known = {k: v for k, v in ours.items() if k in LoraSettings.__dataclass_fields__}
-        settings = LoraSettings(**known)
-    else:  # an adapter written by plain mlx-lm: its keys on its last num_layers layers
-        lp = cfg.get("lora_parameters", {})
-        rank = int(lp.get("rank", 8))
-        settings = LoraSettings(rank=rank, alpha=float(lp.get("scale", 20.0)) * rank, dropout=float(lp.get("dropout", 0.0)),
-                                method=cfg.get("fine_tune_type", "lora"))
-        keys = lp.get("keys") or families.TARGET_GROUPS["all"]
-        first = len(model.layers) - int(cfg.get("num_layers", len(model.layers)))
-        modules = dict(model.named_modules())
-        settings.modules = [f"{p}.{k}" for p, i in _layer_index(model).items() if i >= first
-                            for k in keys if f"{p}.{k}" in modules]
+        return LoraSettings(**known)
+    # an adapter written by plain mlx-lm: its keys on its last num_layers layers
+    lp = cfg.get("lora_parameters", {})
+    rank = int(lp.get("rank", 8))
+    settings = LoraSettings(rank=rank, alpha=float(lp.get("scale", 20.0)) * rank, dropout=float(lp.get("dropout", 0.0)),
+                            method=cfg.get("fine_tune_type", "lora"))
+    keys = lp.get("keys") or families.TARGET_GROUPS["all"]
+    first = len(model.layers) - int(cfg.get("num_layers", len(model.layers)))
+    modules = dict(model.named_modules())
+    settings.modules = [f"{p}.{k}" for p, i in _layer_index(model).items() if i >= first
+                        for k in keys if f"{p}.{k}" in modules]
+    return settings
+
+
+def load(model, config: dict, adapter_dir: Path) -> LoraSettings:
+    """Wrap `model` as the adapter in `adapter_dir` says and load its weights.
+
+    An image run's adapter on the vision projector loads whole into a model with the vision tower;
+    a text model takes its language-model part (the projector only acts on images)."""
+    from mlx.utils import tree_flatten
+
+    adapter_dir = Path(adapter_dir)
+    settings = settings_of(adapter_dir, model)
+    present = dict(model.named_modules())
+    settings.modules = [m for m in settings.modules if m in present or not m.startswith("embed_vision.")]
     trained_on = f"it was trained on {settings.base_model}" if settings.base_model else \
         "was it trained on another base model?"
-    present = dict(model.named_modules())
     absent = [m for m in settings.modules if m not in present]
     if absent:
         raise InputError(f"adapter targets {len(absent)} modules this model does not have (e.g. '{absent[0]}')",
@@ -179,6 +189,8 @@ def load(model, config: dict, adapter_dir: Path) -> LoraSettings:
     from mlx_gemma_tune.checkpoint import load_safetensors
 
     weights = load_safetensors(adapter_dir / ADAPTER_WEIGHTS)
+    if "embed_vision" not in present:
+        weights = {k: v for k, v in weights.items() if not k.startswith("embed_vision.")}
     params = dict(tree_flatten(model.trainable_parameters()))
     for name, w in weights.items():
         if name in params and params[name].shape != w.shape:

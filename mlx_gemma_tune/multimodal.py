@@ -21,6 +21,22 @@ from mlx_gemma_tune import data
 from mlx_gemma_tune.errors import InputError, UserError
 
 VISION_PREFIXES = ("vision_tower.", "embed_vision.", "model.vision_tower.", "model.embed_vision.")
+PROJECTOR = "embed_vision.embedding_projection"  # the vision projector's linear map (MLX path)
+PROJECTOR_HF = "model.embed_vision.embedding_projection.weight"
+
+
+def projector_delta(adapter_dir: Path):
+    """The change LoRA makes to the vision projector's weight (out, in), or None when it has none."""
+    import mlx.core as mx
+
+    from mlx_gemma_tune import checkpoint, lora
+
+    weights = checkpoint.load_safetensors(Path(adapter_dir) / lora.ADAPTER_WEIGHTS)
+    if f"{PROJECTOR}.lora_a" not in weights:
+        return None
+    settings = lora.settings_of(adapter_dir)
+    a, b = weights[f"{PROJECTOR}.lora_a"], weights[f"{PROJECTOR}.lora_b"]  # y = x W^T + s (x a) b
+    return (settings.scale * (a @ b)).T.astype(mx.float32)
 
 
 def check_model(config: dict, where: str) -> None:

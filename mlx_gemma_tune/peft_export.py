@@ -37,6 +37,9 @@ def export_peft(run_dir: str, out: str, *, base: str | None = None, force: bool 
     if settings.experts or any(".experts." in m for m in settings.modules):
         raise UserError("adapters on MoE experts have no PEFT equivalent (transformers keeps the experts as fused "
                         "3-D parameters)", where=str(run_dir), hint="use --format hf for a merged checkpoint")
+    if any(m.startswith("embed_vision.") for m in settings.modules):
+        raise UserError("PEFT export of an adapter on the vision projector is not supported yet", where=str(run_dir),
+                        hint="use --format hf for a merged checkpoint (it merges the projector too)")
     weights = checkpoint.load_safetensors(adapter / lora.ADAPTER_WEIGHTS)
     tensors, targets = {}, []
     for path in settings.modules:

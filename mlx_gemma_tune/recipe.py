@@ -55,6 +55,7 @@ class LoraConfig:
     targets: typing.Union[str, list] = _f("all", "all, attention, mlp, or a list of names such as [q_proj, v_proj].")
     num_layers: typing.Optional[int] = _f(None, "Adapt only the last N decoder layers; null = all layers.")
     experts: bool = _f(False, "Also adapt MoE expert layers (Gemma 4 26B-A4B; not with DoRA).")
+    vision_projector: bool = _f(False, "Image runs (Gemma 4): also adapt the vision projector (LoRA, not DoRA).")
 
 
 @dataclass

@@ -120,6 +120,17 @@ def prepare_run(recipe_ref: str | None = None, *, model: str | None = None, data
     settings = lora.LoraSettings(rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, method=lo.method,
                                  targets=lo.targets, num_layers=lo.num_layers, experts=lo.experts,
                                  base_model=recipe.model.path)
+    if lo.vision_projector:
+        if not images:
+            raise UserError("lora.vision_projector applies to runs on image data", where="lora.vision_projector",
+                            hint="add image rows, or set lora.vision_projector: false")
+        if lo.method == "dora":
+            raise UserError("the vision projector takes LoRA, not DoRA", where="lora.vision_projector",
+                            hint="set lora.method: lora, or lora.vision_projector: false")
+        from mlx_gemma_tune import families, multimodal
+
+        settings.modules = families.lora_targets(model_obj, config, lo.targets, lo.num_layers, lo.experts) + [
+            multimodal.PROJECTOR]
     lora.apply(model_obj, config, settings)
     if resume_from is not None:
         weights = checkpoint.load_safetensors(resume_from / lora.ADAPTER_WEIGHTS) if world.main else None

@@ -351,11 +351,12 @@ def run(prepared, *, callback=None, control: Control | None = None) -> TrainSumm
                     emit.event("early_stop", {"step": step, "best_step": state["best_step"]})
                     break
             saved = last_ckpt == rundir.checkpoint_dir(run_dir, step)  # e.g. a new best just now
-            if world.distributed and distributed.any_rank(control.stop_requested, world):
-                control.request_stop()  # Ctrl-C on any rank: every rank stops after this same step
-            if (step % cfg.save_every == 0 or step == total or control.stop_requested) and not saved:
+            # one decision for every rank: Ctrl-C on any of them stops all after this same step (a request
+            # arriving after the vote counts at the next step)
+            stop = distributed.any_rank(control.stop_requested, world)
+            if (step % cfg.save_every == 0 or step == total or stop) and not saved:
                 last_ckpt = save(step)
-            if control.stop_requested:
+            if stop:
                 interrupted = step < total
                 break
     except (OSError, RuntimeError, UserError) as exc:
@@ -424,7 +425,11 @@ class _Emitter:
 
 
 def _install_sigint(control: Control):
-    """First Ctrl-C: stop after this step and checkpoint. Second: stop now."""
+    """First Ctrl-C: stop after this step and checkpoint. Second: stop now.
+
+    A distributed run starts with SIGINT blocked (cli.App.main), so the threads MLX starts for its
+    collectives inherit the block; unblocking it here, in the main thread alone, keeps a Ctrl-C
+    from interrupting a transfer halfway: it only sets the flag the ranks vote on each step."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
@@ -435,7 +440,10 @@ def _install_sigint(control: Control):
             raise KeyboardInterrupt
         control.request_stop()
 
-    return signal.signal(signal.SIGINT, handler)
+    previous = signal.signal(signal.SIGINT, handler)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    return previous
 
 
 def _restore_sigint(previous) -> None:

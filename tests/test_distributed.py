@@ -70,7 +70,18 @@ def _launch(setup, args: list, logs: Path) -> subprocess.Popen:
     launch = Path(sys.executable).parent / "mlx.launch"
     cmd = [str(launch), "--backend", "ring", "--hosts", "127.0.0.1,127.0.0.1", "--",
            sys.executable, "-m", "mlx_gemma_tune", *map(str, args)]
-    return subprocess.Popen(cmd, env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """The launch's output once it ends; on a timeout every rank is killed before the test fails."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"the launch did not finish in {timeout} s: {err[-2000:]}") from None
 
 
 def _written(logs: Path, rank: int, under: list[Path]) -> list[str]:
@@ -101,7 +112,7 @@ def test_two_ranks_train_the_single_process_adapter_and_only_rank_0_writes(setup
     run, logs = root / "two", root / "logs-two"
     cache = Path(os.environ["MLX_GEMMA_TUNE_CACHE"])
     proc = _launch(setup, _train_args(model, data, run) + ["--distributed"], logs)
-    out, err = proc.communicate(timeout=300)
+    out, err = _finish(proc, 300)
     assert proc.returncode == 0, err
     _assert_same_run(run, reference)
     summary = json.loads((run / "summary.json").read_text())
@@ -123,13 +134,13 @@ def test_ctrl_c_on_rank_0_stops_every_rank_and_resume_continues_exactly(setup):
         time.sleep(0.001)
     rank0 = int((logs / "rank0.log").read_text().splitlines()[0].split()[1])
     os.kill(rank0, signal.SIGINT)  # Ctrl-C reaching one process only
-    _, err = proc.communicate(timeout=240)
+    _, err = _finish(proc, 240)
     assert f"mlx-gemma-tune train --resume {run}" in err
     stopped = json.loads((run / "summary.json").read_text())["steps"]
     assert 3 <= stopped < 24 and (run / "checkpoints" / f"step-{stopped:08d}").is_dir()
 
     resumed = _launch(setup, ["train", "--resume", run, "--distributed"], root / "logs-resume")
-    _, err = resumed.communicate(timeout=300)
+    _, err = _finish(resumed, 300)
     assert resumed.returncode == 0, err
     _assert_same_run(run, reference)
     assert _written(root / "logs-resume", 1, [run]) == []
@@ -145,7 +156,7 @@ def test_distributed_outside_mlx_launch_is_one_clear_error(hf_model, tmp_path):
 
 def test_doctor_reports_the_world_size_under_mlx_launch(setup):
     proc = _launch(setup, ["doctor", "--json"], setup[0] / "logs-doctor")
-    out, err = proc.communicate(timeout=120)
+    out, err = _finish(proc, 120)
     assert proc.returncode == 0, err
     worlds = sorted((r["distributed"]["rank"], r["distributed"]["size"])
                     for r in json.loads("[" + out.replace("}\n{", "},{") + "]"))

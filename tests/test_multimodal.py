@@ -167,3 +167,47 @@ def test_image_refusals_are_one_clear_line(hf_model, image_data, tmp_path):
     res = run_cli(["convert", hf_model("gemma3_text"), "-o", tmp_path / "d", "--multimodal"])
     assert_one_line_error(res, "no vision tower")
     assert not any((tmp_path / n).exists() for n in "abcd")
+
+
+def test_lora_on_the_vision_projector_is_merged_by_the_hf_export(hf_model, image_data, tmp_path):
+    import mlx.core as mx
+    import torch
+    from PIL import Image
+    from safetensors.numpy import load_file
+    from transformers import Gemma4ForConditionalGeneration
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    from mlx_gemma_tune import dataset_files, multimodal
+    from mlx_gemma_tune.generate import ChatSession
+
+    run = tmp_path / "run"
+    res = run_cli(["train", "--model", hf_model("gemma4_dense"), "--data", image_data, "-o", run,
+                   *_sets(["train.iters=4", "lora.vision_projector=true", "train.lr=2e-2"])])
+    assert res.exit_code == 0, res.output
+    assert "embed_vision.embedding_projection.lora_a" in mx.load(str(run / "adapters.safetensors"))
+    assert run_cli(["generate", run, "--prompt", "Hi", "--max-tokens", "2"]).exit_code == 0  # text model: no projector
+    assert_one_line_error(run_cli(["export", run, "--format", "peft", "-o", tmp_path / "peft"]), "vision projector")
+
+    out = tmp_path / "hf"
+    assert run_cli(["export", run, "--format", "hf", "-o", out, "--dtype", "float32"]).exit_code == 0
+    exported = {}
+    for f in out.glob("model-*.safetensors"):
+        exported.update(load_file(f))
+    source = load_file(hf_model("gemma4_dense") / "model.safetensors")
+    moved = np.abs(exported[multimodal.PROJECTOR_HF] - source[multimodal.PROJECTOR_HF]).max()
+    assert moved > 1e-4  # the projector's LoRA is in the export
+    assert np.array_equal(exported["model.vision_tower.encoder.layers.0.mlp.down_proj.linear.weight"],
+                          source["model.vision_tower.encoder.layers.0.mlp.down_proj.linear.weight"])
+
+    session = ChatSession.open(str(run), images=True)
+    row = dataset_files.read_rows(image_data)[1]
+    inputs, _, _, _, extra = multimodal.batch(multimodal.encode_row(session.processor, row))
+    ours = np.array(session.model(inputs, **extra).logits[0].astype(mx.float32))
+    hf = Gemma4ForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
+    pixels = Gemma4ImageProcessorPil(max_soft_tokens=70)(
+        images=[Image.open(image_data.parent / "img" / "1.png").convert("RGB")], return_tensors="pt")
+    with torch.no_grad():
+        theirs = hf(input_ids=torch.tensor(np.array(inputs)), pixel_values=pixels["pixel_values"],
+                    image_position_ids=pixels["image_position_ids"],
+                    mm_token_type_ids=torch.tensor(np.array(extra["mm_token_type_ids"]))).logits[0].numpy()
+    assert np.abs(ours - theirs).max() < 1e-4
