@@ -215,8 +215,10 @@ class ChatSession:
         return base, tuned
 
     def transcript(self) -> dict:
+        """The conversation as a training row (image turns as content parts, as a dataset writes them)."""
         system = [{"role": "system", "content": self.system}] if self.system else []
-        return {"messages": system + self.history}
+        turns = [{"role": m["role"], "content": m["parts"]} if "parts" in m else m for m in self.history]
+        return {"messages": system + turns}
 
     def save(self, path) -> Path:
         """Append the conversation as one JSONL row in the chat format `train` reads."""

@@ -74,6 +74,19 @@ def test_image_training_lowers_the_loss_and_changes_the_answer(image_run, image_
     assert answer["answer"] in COLOURS and answer["answer"] != answer["base"]
 
 
+def test_chat_sends_the_image_with_the_first_message_and_saves_it_in_the_transcript(image_run, image_data, tmp_path):
+    img = image_data.parent / "img" / "3.png"
+    keys = f"Colour?\n/save {tmp_path / 't.jsonl'}\n/quit\n"
+    res = run_cli(["chat", image_run, "--image", img, "--temp", "0", "--max-tokens", "3"], input=keys)
+    assert res.exit_code == 0, res.output
+    answer = res.stdout.split("model:", 1)[1].split("\n", 1)[0].strip()
+    assert answer in COLOURS
+    saved = json.loads((tmp_path / "t.jsonl").read_text().splitlines()[0])["messages"]
+    assert saved[0]["content"][0] == {"type": "image", "image": str(img)}  # trainable again as an image row
+    res = run_cli(["chat", image_run, "--image", tmp_path / "none.png"], input="Colour?\n/quit\n")
+    assert "image not found" in res.output
+
+
 def test_export_keeps_the_towers_and_matches_mlx_on_an_image(image_run, image_data, hf_model, tmp_path):
     import mlx.core as mx
     import torch
