@@ -49,6 +49,41 @@ def image_run(hf_model, image_data, tmp_path_factory):
     return run
 
 
+def _exported(out) -> dict:
+    from safetensors.numpy import load_file
+
+    weights = {}
+    for f in out.glob("model-*.safetensors"):
+        weights.update(load_file(f))
+    return weights
+
+
+def _mlx_and_transformers_logits(run, export_dir, image_data, i: int):
+    """Logits of row i (its image and question) from our MLX model (mlx-vlm + the run's adapter) and
+    from transformers on the exported checkpoint, fed the same tokens and the same picture."""
+    import mlx.core as mx
+    import torch
+    from PIL import Image
+    from transformers import Gemma4ForConditionalGeneration
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    from mlx_gemma_tune import dataset_files, multimodal
+    from mlx_gemma_tune.generate import ChatSession
+
+    session = ChatSession.open(str(run), images=True)
+    row = dataset_files.read_rows(image_data)[i]
+    inputs, _, _, _, extra = multimodal.batch(multimodal.encode_row(session.processor, row))
+    ours = np.array(session.model(inputs, **extra).logits[0].astype(mx.float32))
+    hf = Gemma4ForConditionalGeneration.from_pretrained(export_dir, dtype=torch.float32)
+    pixels = Gemma4ImageProcessorPil(max_soft_tokens=70)(
+        images=[Image.open(image_data.parent / "img" / f"{i}.png").convert("RGB")], return_tensors="pt")
+    with torch.no_grad():
+        theirs = hf(input_ids=torch.tensor(np.array(inputs)), pixel_values=pixels["pixel_values"],
+                    image_position_ids=pixels["image_position_ids"],
+                    mm_token_type_ids=torch.tensor(np.array(extra["mm_token_type_ids"]))).logits[0].numpy()
+    return ours, theirs
+
+
 def test_only_the_assistant_text_is_learned(hf_model, image_data):
     from mlx_gemma_tune import dataset_files, multimodal
 
@@ -88,37 +123,16 @@ def test_chat_sends_the_image_with_the_first_message_and_saves_it_in_the_transcr
 
 
 def test_export_keeps_the_towers_and_matches_mlx_on_an_image(image_run, image_data, hf_model, tmp_path):
-    import mlx.core as mx
-    import torch
-    from PIL import Image
     from safetensors.numpy import load_file
-    from transformers import Gemma4ForConditionalGeneration
-    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
-
-    from mlx_gemma_tune import dataset_files, multimodal
-    from mlx_gemma_tune.generate import ChatSession
 
     out = tmp_path / "hf"
     res = run_cli(["export", image_run, "--format", "hf", "-o", out, "--dtype", "float32"])
     assert res.exit_code == 0, res.output
-    exported = {}
-    for f in out.glob("model-*.safetensors"):
-        exported.update(load_file(f))
+    exported = _exported(out)
     source = load_file(hf_model("gemma4_edge") / "model.safetensors")
     towers = [k for k in source if k.startswith(("model.vision_tower.", "model.embed_vision.", "model.audio_tower."))]
     assert towers and all(np.array_equal(exported[k], source[k]) for k in towers)  # byte for byte
-
-    session = ChatSession.open(str(image_run), images=True)  # MLX: mlx-vlm's model + the run's adapter
-    row = dataset_files.read_rows(image_data)[2]
-    inputs, _, _, _, extra = multimodal.batch(multimodal.encode_row(session.processor, row))
-    ours = np.array(session.model(inputs, **extra).logits[0].astype(mx.float32))
-    hf = Gemma4ForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
-    pixels = Gemma4ImageProcessorPil(max_soft_tokens=70)(
-        images=[Image.open(image_data.parent / "img" / "2.png").convert("RGB")], return_tensors="pt")
-    with torch.no_grad():
-        theirs = hf(input_ids=torch.tensor(np.array(inputs)), pixel_values=pixels["pixel_values"],
-                    image_position_ids=pixels["image_position_ids"],
-                    mm_token_type_ids=torch.tensor(np.array(extra["mm_token_type_ids"]))).logits[0].numpy()
+    ours, theirs = _mlx_and_transformers_logits(image_run, out, image_data, 2)
     assert np.abs(theirs).max() > 1.0
     assert np.abs(ours - theirs).max() < 1e-4
 
@@ -184,14 +198,9 @@ def test_image_refusals_are_one_clear_line(hf_model, image_data, tmp_path):
 
 def test_lora_on_the_vision_projector_is_merged_by_the_hf_export(hf_model, image_data, tmp_path):
     import mlx.core as mx
-    import torch
-    from PIL import Image
     from safetensors.numpy import load_file
-    from transformers import Gemma4ForConditionalGeneration
-    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
 
-    from mlx_gemma_tune import dataset_files, multimodal
-    from mlx_gemma_tune.generate import ChatSession
+    from mlx_gemma_tune import multimodal
 
     run = tmp_path / "run"
     res = run_cli(["train", "--model", hf_model("gemma4_dense"), "--data", image_data, "-o", run,
@@ -203,24 +212,11 @@ def test_lora_on_the_vision_projector_is_merged_by_the_hf_export(hf_model, image
 
     out = tmp_path / "hf"
     assert run_cli(["export", run, "--format", "hf", "-o", out, "--dtype", "float32"]).exit_code == 0
-    exported = {}
-    for f in out.glob("model-*.safetensors"):
-        exported.update(load_file(f))
+    exported = _exported(out)
     source = load_file(hf_model("gemma4_dense") / "model.safetensors")
     moved = np.abs(exported[multimodal.PROJECTOR_HF] - source[multimodal.PROJECTOR_HF]).max()
     assert moved > 1e-4  # the projector's LoRA is in the export
-    assert np.array_equal(exported["model.vision_tower.encoder.layers.0.mlp.down_proj.linear.weight"],
-                          source["model.vision_tower.encoder.layers.0.mlp.down_proj.linear.weight"])
-
-    session = ChatSession.open(str(run), images=True)
-    row = dataset_files.read_rows(image_data)[1]
-    inputs, _, _, _, extra = multimodal.batch(multimodal.encode_row(session.processor, row))
-    ours = np.array(session.model(inputs, **extra).logits[0].astype(mx.float32))
-    hf = Gemma4ForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
-    pixels = Gemma4ImageProcessorPil(max_soft_tokens=70)(
-        images=[Image.open(image_data.parent / "img" / "1.png").convert("RGB")], return_tensors="pt")
-    with torch.no_grad():
-        theirs = hf(input_ids=torch.tensor(np.array(inputs)), pixel_values=pixels["pixel_values"],
-                    image_position_ids=pixels["image_position_ids"],
-                    mm_token_type_ids=torch.tensor(np.array(extra["mm_token_type_ids"]))).logits[0].numpy()
+    tower = "model.vision_tower.encoder.layers.0.mlp.down_proj.linear.weight"
+    assert np.array_equal(exported[tower], source[tower])
+    ours, theirs = _mlx_and_transformers_logits(run, out, image_data, 1)
     assert np.abs(ours - theirs).max() < 1e-4
