@@ -28,33 +28,37 @@ def sampling_options(f):
                      help="LoRA/DoRA adapter directory (a run directory's own adapter is used by default)."),
         click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False),
                      help="An image for the (first) prompt; loads the vision tower (Gemma 4). Repeatable."),
+        click.option("--audio", "audio", multiple=True, type=click.Path(dir_okay=False),
+                     help="An audio clip for the (first) prompt; loads the audio tower (Gemma 4 E2B/E4B). Repeatable."),
     ]):
         f = opt(f)
     return f
 
 
-def _open_session(model_or_run, adapter, system, temp, top_k, top_p, min_p, max_tokens, seed, images=()):
+def _open_session(model_or_run, adapter, system, temp, top_k, top_p, min_p, max_tokens, seed, images=(), audio=()):
     from mlx_gemma_tune.generate import ChatSession, Sampling
 
     sampling = Sampling(temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, max_tokens=max_tokens, seed=seed)
-    return ChatSession.open(model_or_run, adapter, images=bool(images), system=system, sampling=sampling)
+    return ChatSession.open(model_or_run, adapter, images=bool(images), audio=bool(audio), system=system,
+                            sampling=sampling)
 
 
 @cli.command()
 @click.argument("model_or_run")
 @sampling_options
-def chat(model_or_run, adapter, system, temp, top_k, top_p, min_p, max_tokens, seed, images):
+def chat(model_or_run, adapter, system, temp, top_k, top_p, min_p, max_tokens, seed, images, audio):
     """Chat with MODEL_OR_RUN (a model directory, or a run directory: its base + adapter).
 
     Type /help for the commands: /adapter PATH|off|on, /compare, /system, /temp, /topk,
-    /topp, /max, /reset, /save FILE, /quit. With --image, the images go with your first message.
+    /topp, /max, /reset, /save FILE, /quit. With --image / --audio, they go with your first message.
     """
     from mlx_gemma_tune import ui
     from mlx_gemma_tune.generate import run_command
 
-    with ui.status("Loading the model" + (" and its vision tower" if images else "")):
-        session = _open_session(model_or_run, adapter, system, temp, top_k, top_p, min_p, max_tokens, seed, images)
-    pending = list(images)
+    with ui.status("Loading the model" + (" and its towers" if images or audio else "")):
+        session = _open_session(model_or_run, adapter, system, temp, top_k, top_p, min_p, max_tokens, seed, images,
+                                audio)
+    pending, pending_audio = list(images), list(audio)
     ui.chat_note(f"model {session.base_path}" + (f" + adapter {session.adapter}" if session.adapter else "")
                  + " — /help for commands, /quit to leave")
     compare_next = False
@@ -75,11 +79,11 @@ def chat(model_or_run, adapter, system, temp, top_k, top_p, min_p, max_tokens, s
                 continue
             if compare_next:
                 compare_next = False
-                base, tuned = session.compare(line, pending)
+                base, tuned = session.compare(line, pending, pending_audio)
                 ui.show_compare(line, base, tuned)
             else:
-                ui.stream_reply(session.reply(line, pending), label="model")
-            pending = []
+                ui.stream_reply(session.reply(line, pending, pending_audio), label="model")
+            pending, pending_audio = [], []
             ui.chat_footer(session.stats)
         except UserError as exc:  # a bad command or value: say so, keep chatting
             ui.chat_error(exc.one_line())
@@ -94,7 +98,7 @@ def chat(model_or_run, adapter, system, temp, top_k, top_p, min_p, max_tokens, s
 @click.option("--json", "as_json", is_flag=True, help="Print the answers as JSON.")
 @sampling_options
 def generate(model_or_run, prompt, prompts_file, compare, as_json, adapter, system, temp, top_k, top_p, min_p,
-             max_tokens, seed, images):
+             max_tokens, seed, images, audio):
     """Answer one prompt (or a file of prompts) with MODEL_OR_RUN, optionally base vs tuned."""
     from mlx_gemma_tune import ui
     from mlx_gemma_tune.generate import generate_answers, read_prompts
@@ -102,16 +106,17 @@ def generate(model_or_run, prompt, prompts_file, compare, as_json, adapter, syst
     if (prompt is None) == (prompts_file is None):
         raise click.UsageError("give exactly one of --prompt TEXT or --prompts FILE")
     prompts = [prompt] if prompt is not None else read_prompts(prompts_file)
-    with ui.status("Loading the model" + (" and its vision tower" if images else "")):
-        session = _open_session(model_or_run, adapter, system, temp, top_k, top_p, min_p, max_tokens, seed, images)
-    images = list(images) or None
+    with ui.status("Loading the model" + (" and its towers" if images or audio else "")):
+        session = _open_session(model_or_run, adapter, system, temp, top_k, top_p, min_p, max_tokens, seed, images,
+                                audio)
+    images, audio = list(images) or None, list(audio) or None
     if compare and session.adapter is None:
         raise UserError("--compare needs an adapter", hint="pass --adapter DIR or a run directory")
     if not as_json and not compare and len(prompts) == 1:
-        ui.stream_reply(session.reply(prompts[0], images))
+        ui.stream_reply(session.reply(prompts[0], images, audio))
         ui.chat_footer(session.stats)
         return
-    answers = generate_answers(session, prompts, compare, images)
+    answers = generate_answers(session, prompts, compare, images, audio)
     if as_json:
         ui.print_json([a.__dict__ for a in answers])
         return

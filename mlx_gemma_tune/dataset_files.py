@@ -323,9 +323,9 @@ def _chat(msgs: object, key: str, where: str) -> list[dict]:
                              hint="use system, user or assistant (model, human and gpt are accepted too)")
         if isinstance(content, list):  # multimodal parts: text and images (paths relative to the file)
             parts = _parts(content, i, where)
-            if canonical == "assistant" and any(p["type"] == "image" for p in parts):
-                raise InputError(f"message {i} is an assistant turn with an image; only text can be learned",
-                                 where=where)
+            if canonical == "assistant" and any(p["type"] != "text" for p in parts):
+                raise InputError(f"message {i} is an assistant turn with an image or audio; only text can be "
+                                 "learned", where=where)
             out.append({"role": canonical, "content": "".join(p.get("text", "") for p in parts), "parts": parts})
             continue
         if not isinstance(content, str):
@@ -344,19 +344,26 @@ def _parts(content: list, i: int, where: str) -> list[dict]:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
             parts.append({"type": "text", "text": part["text"]})
-        elif kind == "image" and isinstance(part.get("image", part.get("path")), str):
-            parts.append({"type": "image", "image": part.get("image", part.get("path"))})
-        elif kind in ("audio", "video"):
-            raise InputError(f"message {i} part {j} is {kind}; only text and image parts are supported", where=where)
+        elif kind in ("image", "audio") and isinstance(part.get(kind, part.get("path")), str):
+            parts.append({"type": kind, kind: part.get(kind, part.get("path"))})
+        elif kind == "video":
+            raise InputError(f"message {i} part {j} is a video; text, image and audio parts are supported",
+                             where=where)
         else:
-            raise InputError(f"message {i} part {j} must be {{\"type\": \"text\", \"text\": ...}} or "
-                             f"{{\"type\": \"image\", \"image\": \"path\"}}, not {_kind(part)}", where=where)
+            raise InputError(f"message {i} part {j} must be {{\"type\": \"text\", \"text\": ...}}, "
+                             f"{{\"type\": \"image\", \"image\": \"path\"}} or {{\"type\": \"audio\", "
+                             f"\"audio\": \"path\"}}, not {_kind(part)}", where=where)
     return parts
 
 
 def images_of(row: Row) -> list[str]:
     """The image paths of a chat row, in order (as written in the dataset)."""
-    return [p["image"] for m in row.messages or [] for p in m.get("parts", []) if p["type"] == "image"]
+    return media_of(row, "image")
+
+
+def media_of(row: Row, kind: str) -> list[str]:
+    """The `kind` ("image" / "audio") file paths of a chat row, in order (as written in the dataset)."""
+    return [p[kind] for m in row.messages or [] for p in m.get("parts", []) if p["type"] == kind]
 
 
 def _kind(value: object) -> str:

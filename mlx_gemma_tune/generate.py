@@ -53,11 +53,12 @@ def resolve_target(model_or_run: str) -> tuple[str, Path | None]:
     return str(p), None
 
 
-def user_message(text: str, images: list[str] | None = None) -> dict:
-    """A user turn; with images, in the dataset's parts form (images first, absolute paths)."""
-    if not images:
+def user_message(text: str, images: list[str] | None = None, audio: list[str] | None = None) -> dict:
+    """A user turn; with images / audio, in the dataset's parts form (media first, absolute paths)."""
+    media = [("image", p) for p in images or []] + [("audio", p) for p in audio or []]
+    if not media:
         return {"role": "user", "content": text}
-    parts = [{"type": "image", "image": str(Path(p).expanduser().absolute())} for p in images]
+    parts = [{"type": kind, kind: str(Path(p).expanduser().absolute())} for kind, p in media]
     return {"role": "user", "content": text, "parts": parts + [{"type": "text", "text": text}]}
 
 
@@ -80,19 +81,19 @@ class ChatSession:
                 tokenizer.add_eos_token(marker)
 
     @classmethod
-    def open(cls, model_or_run: str, adapter: str | None = None, images: bool = False,
+    def open(cls, model_or_run: str, adapter: str | None = None, images: bool = False, audio: bool = False,
              **kwargs) -> "ChatSession":
-        """A session on a model or run; images=True loads the vision tower too (mlx-vlm)."""
+        """A session on a model or run; images / audio load the towers too (mlx-vlm)."""
         from mlx_gemma_tune import models
 
         base, run_adapter = resolve_target(model_or_run)
-        if images:
+        if images or audio:
             from mlx_gemma_tune import checkpoint, multimodal
 
             source = multimodal.vision_source(models.resolve_model_dir(base))
             config = checkpoint.read_config(source)
-            multimodal.check_model(config, str(source))
-            model, processor = multimodal.load(source)
+            multimodal.check_model(config, str(source), audio)
+            model, processor = multimodal.load(source, audio=audio)
             session = cls(model, processor.tokenizer, config, base_path=base, processor=processor, **kwargs)
         else:
             model, tokenizer, config = models.load(models.resolve_model_dir(base))
@@ -141,9 +142,9 @@ class ChatSession:
     def reset(self) -> None:
         self.history = []
 
-    def messages_for(self, text: str, images: list[str] | None = None) -> list[dict]:
+    def messages_for(self, text: str, images: list[str] | None = None, audio: list[str] | None = None) -> list[dict]:
         system = [{"role": "system", "content": self.system}] if self.system else []
-        return system + self.history + [user_message(text, images)]
+        return system + self.history + [user_message(text, images, audio)]
 
     def _prompt_tokens(self, messages: list[dict]) -> list[int]:
         from mlx_gemma_tune.data import hf_tokenizer
@@ -184,34 +185,38 @@ class ChatSession:
         from mlx_gemma_tune import multimodal
 
         paths = [p["image"] for m in messages for p in m.get("parts", []) if p["type"] == "image"]
+        clips = [p["audio"] for m in messages for p in m.get("parts", []) if p["type"] == "audio"]
         multimodal.open_images(paths, "--image")  # a clear error for a missing or unreadable file
+        if clips:
+            multimodal.open_audio(clips, "--audio", self.processor.feature_extractor.sampling_rate)
         prompt = self.tokenizer.apply_chat_template(multimodal.hf_messages(messages), tokenize=False,
                                                     add_generation_prompt=True)
         eos = [self.tokenizer.convert_tokens_to_ids(t) for t in END_OF_TURN if t in self.tokenizer.get_vocab()]
         return vlm_stream(self.model, self.processor, prompt, image=[str(p) for p in paths] or None,
+                          audio=[str(p) for p in clips] or None,
                           max_tokens=self.sampling.max_tokens, sampler=sampler,
                           eos_tokens=eos + [self.tokenizer.eos_token_id])
 
-    def reply(self, text: str, images: list[str] | None = None) -> Iterator[str]:
-        """Stream the answer to a user message (with images, in an image session) and add both to the history."""
+    def reply(self, text: str, images: list[str] | None = None, audio: list[str] | None = None) -> Iterator[str]:
+        """Stream the answer to a user message (with images / audio, in such a session); both join the history."""
         parts = []
-        message = user_message(text, images)
-        for piece in self.stream(self.messages_for(text, images)):
+        message = user_message(text, images, audio)
+        for piece in self.stream(self.messages_for(text, images, audio)):
             parts.append(piece)
             yield piece
         self.history += [message, {"role": "assistant", "content": "".join(parts).strip()}]
 
-    def compare(self, text: str, images: list[str] | None = None) -> tuple[str, str]:
+    def compare(self, text: str, images: list[str] | None = None, audio: list[str] | None = None) -> tuple[str, str]:
         """(base answer, tuned answer) to the same prompt; the tuned one joins the history."""
         if self.adapter is None:
             raise UserError("/compare needs an adapter", hint="load one with /adapter PATH")
-        messages = self.messages_for(text, images)
+        messages = self.messages_for(text, images, audio)
         self.disable_adapter()
         try:
             base = "".join(self.stream(messages)).strip()
         finally:
             self.enable_adapter()
-        tuned = "".join(self.reply(text, images)).strip()
+        tuned = "".join(self.reply(text, images, audio)).strip()
         return base, tuned
 
     def transcript(self) -> dict:
@@ -345,15 +350,15 @@ def read_prompts(path) -> list[str]:
 
 
 def generate_answers(session: ChatSession, prompts: list[str], compare: bool = False,
-                     images: list[str] | None = None) -> list[Answer]:
-    """One answer per prompt (each with `images`, in an image session), from a fresh conversation."""
+                     images: list[str] | None = None, audio: list[str] | None = None) -> list[Answer]:
+    """One answer per prompt (each with `images` / `audio`, in such a session), from a fresh conversation."""
     out = []
     for prompt in prompts:
         session.reset()
         if compare:
-            base, tuned = session.compare(prompt, images)
+            base, tuned = session.compare(prompt, images, audio)
             out.append(Answer(prompt, tuned, base, asdict(session.stats)))
         else:
-            text = "".join(session.reply(prompt, images)).strip()
+            text = "".join(session.reply(prompt, images, audio)).strip()
             out.append(Answer(prompt, text, None, asdict(session.stats)))
     return out

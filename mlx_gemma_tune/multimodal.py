@@ -1,8 +1,9 @@
-"""Image fine-tuning of Gemma 4 through mlx-vlm.
+"""Image and audio fine-tuning of Gemma 4 through mlx-vlm.
 
-A run is multimodal when its dataset has image parts ({"type": "image", "image": "path"} inside
-a message's content; paths relative to the dataset file). mlx-vlm loads the model with its vision
-tower, from the Hugging Face checkpoint behind the base or from a `convert --multimodal` output.
+A run is multimodal when its dataset has image or audio parts ({"type": "image", "image": "path"},
+{"type": "audio", "audio": "clip.wav"} inside a message's content; paths relative to the dataset
+file). mlx-vlm loads the model with its towers, from the Hugging Face checkpoint behind the base or
+from a `convert --multimodal` output; the audio tower only when the data has audio (E2B / E4B).
 LoRA wraps the same language-model modules as a text run (the vision tower and its projector stay
 frozen), so the adapter file has the same keys as a text adapter: chat, fuse and every export
 work on it unchanged, and `export --format hf` restores the towers byte for byte from the source.
@@ -39,8 +40,8 @@ def projector_delta(adapter_dir: Path):
     return (settings.scale * (a @ b)).T.astype(mx.float32)
 
 
-def check_model(config: dict, where: str) -> None:
-    """A clear refusal unless the checkpoint is a Gemma 4 with a vision tower."""
+def check_model(config: dict, where: str, audio: bool = False) -> None:
+    """A clear refusal unless the checkpoint is a Gemma 4 with a vision (and, for audio, an audio) tower."""
     model_type = config.get("model_type")
     if model_type in ("gemma3n", "gemma3n_text"):
         raise UserError("image fine-tuning of Gemma 3n is not supported: mlx-vlm does not train Gemma 3n, and its "
@@ -50,6 +51,9 @@ def check_model(config: dict, where: str) -> None:
         raise UserError("the dataset has images but this model has no vision tower", where=where,
                         hint="use a multimodal Gemma 4 checkpoint (e.g. google/gemma-4-E2B-it) or its "
                              "`convert --multimodal` output; text-only models learn from text rows")
+    if audio and not config.get("audio_config"):
+        raise UserError("the dataset has audio but this model has no audio tower", where=where,
+                        hint="Gemma 4 E2B and E4B hear audio; the larger Gemma 4 models see images only")
 
 
 def has_vision_weights(model_dir: Path) -> bool:
@@ -69,17 +73,21 @@ def vision_source(base: Path) -> Path:
     return base if has_vision_weights(base) else export._source_of(base, None)
 
 
-def load(model_dir: Path):
+def load(model_dir: Path, audio: bool = False):
     """(mlx-vlm model, processor) of a multimodal Gemma 4 directory, never running remote code.
 
-    The audio tower is let go: image runs never use it (E2B's is ~300M parameters), and mlx-vlm's
-    Gemma 4 audio modules cannot be frozen (AudioRelativePositionEmbedding breaks Module.freeze)."""
+    Without audio the audio tower is let go (E2B's is ~300M parameters that an image run never
+    uses). mlx-vlm's AudioRelativePositionEmbedding comes without the bookkeeping Module.freeze
+    needs; it is given an empty one, so that the frozen audio tower stays frozen."""
     from mlx_vlm.utils import load as vlm_load
 
     model, processor = vlm_load(str(model_dir), trust_remote_code=False)
-    if getattr(model, "audio_tower", None) is not None:
+    if getattr(model, "audio_tower", None) is not None and not audio:
         model.audio_tower = None
         model.embed_audio = None
+    for _, module in model.named_modules():
+        if not hasattr(module, "_no_grad"):
+            object.__setattr__(module, "_no_grad", set())
     return model, processor
 
 
@@ -105,12 +113,30 @@ def open_images(paths: list[str], where: str) -> list:
     return images
 
 
+def open_audio(paths: list[str], where: str, sampling_rate: int) -> list:
+    """Waveforms (mono float32 at the feature extractor's rate) of local audio files."""
+    from mlx_vlm.utils import load_audio
+
+    clips = []
+    for p in paths:
+        path = Path(p).expanduser()
+        path = path if path.is_absolute() else image_dir(where) / path
+        if not path.is_file():
+            raise InputError(f"audio file not found: {path}", where=where,
+                             hint="audio paths are relative to the dataset file")
+        try:
+            clips.append(load_audio(str(path), sampling_rate))
+        except Exception as exc:  # the decoder's own errors: one line naming the file
+            raise InputError(f"cannot read the audio file {path} ({exc})", where=where) from None
+    return clips
+
+
 def hf_messages(messages: list[dict]) -> list[dict]:
-    """Messages in the chat template's multimodal form: content parts, an image part per image."""
+    """Messages in the chat template's multimodal form: content parts, a placeholder per image / clip."""
     out = []
     for m in messages:
         if "parts" in m:
-            parts = [{"type": "image"} if p["type"] == "image" else {"type": "text", "text": p["text"]}
+            parts = [{"type": "text", "text": p["text"]} if p["type"] == "text" else {"type": p["type"]}
                      for p in m["parts"]]
             out.append({"role": m["role"], "content": parts})
         else:
@@ -119,29 +145,36 @@ def hf_messages(messages: list[dict]) -> list[dict]:
 
 
 def encode_row(processor, row, mask_prompt: bool = True) -> data.Example:
-    """Tokens (image placeholders expanded as the processor expands them), the loss mask of the
-    assistant turns, and the pixel values; checked token for token against the processor."""
+    """Tokens (image / audio placeholders expanded as the processor expands them), the loss mask of
+    the assistant turns, and the pixel values / audio features; checked token for token against
+    the processor."""
     import numpy as np
 
-    from mlx_gemma_tune.dataset_files import images_of
+    from mlx_gemma_tune.dataset_files import media_of
 
     messages = hf_messages(row.messages)
     tok = processor.tokenizer
     ex = data.encode_chat(tok, messages, row.where)
-    images = open_images(images_of(row), row.where)
+    images = open_images(media_of(row, "image"), row.where)
+    clips = media_of(row, "audio")
+    clips = open_audio(clips, row.where, processor.feature_extractor.sampling_rate) if clips else []
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
-    feats = processor(text=[text], images=images or None)
+    feats = processor(text=[text], images=images or None, audio=clips or None)
     ids = [int(t) for t in np.asarray(feats["input_ids"]).reshape(-1)]
-    image_id, boi, eoi = (tok.convert_tokens_to_ids(t) for t in
-                          (processor.image_token, processor.boi_token, processor.eoi_token))
+    spans = {}  # placeholder id -> (begin id, end id): <boi> <image> x n <eoi>, <boa> <audio> x n <eoa>
+    for soft, begin, end in ((processor.image_token, processor.boi_token, processor.eoi_token),
+                             (processor.audio_token, processor.boa_token, processor.eoa_token)):
+        if soft:
+            spans[tok.convert_tokens_to_ids(soft)] = tuple(tok.convert_tokens_to_ids(x) for x in (begin, end))
     mask, j = [], 0
     for t, m in zip(ex.tokens, ex.mask):
-        if t == image_id:  # one placeholder -> <boi> <image> x n <eoi>, never a target
+        if t in spans:  # one placeholder -> begin, soft tokens, end; never a target
+            begin, end = spans[t]
             start = j
-            j += ids[j] == boi if j < len(ids) else 0
-            while j < len(ids) and ids[j] == image_id:
+            j += ids[j] == begin if j < len(ids) else 0
+            while j < len(ids) and ids[j] == t:
                 j += 1
-            j += ids[j] == eoi if j < len(ids) else 0
+            j += ids[j] == end if j < len(ids) else 0
             if j - start < 3:
                 _mismatch(row.where)
             mask += [False] * (j - start)
@@ -155,6 +188,9 @@ def encode_row(processor, row, mask_prompt: bool = True) -> data.Example:
     extra = {}
     if images:
         extra["pixel_values"] = np.asarray(feats["pixel_values"])
+    if clips:
+        extra["input_features"] = np.asarray(feats["input_features"])
+        extra["input_features_mask"] = np.asarray(feats["input_features_mask"])
     if "mm_token_type_ids" in feats:
         extra["mm_token_type_ids"] = np.asarray(feats["mm_token_type_ids"]).reshape(1, -1)
     return data.Example(tokens=ids, mask=mask, source=row.where, extra=extra or None)

@@ -104,10 +104,12 @@ def prepare_run(recipe_ref: str | None = None, *, model: str | None = None, data
     base = convert.ensure_base(recipe.model.path, recipe.model.quantize, progress=say)
     if world.main:
         distributed.barrier(world)
-    images = any(dataset_files.images_of(r) for rows in splits.values() for r in rows or [])
-    say("Loading the base model" + (" with its vision tower (mlx-vlm)" if images else ""))
+    rows = [r for split in splits.values() for r in split or []]
+    audio = any(dataset_files.media_of(r, "audio") for r in rows)
+    images = audio or any(dataset_files.images_of(r) for r in rows)  # a multimodal run, through mlx-vlm
+    say("Loading the base model" + (" with its towers (mlx-vlm)" if images else ""))
     if images:
-        model_obj, tokenizer, config = _vision_model(base, recipe)
+        model_obj, tokenizer, config = _vision_model(base, recipe, audio)
     else:
         model_obj, tokenizer, config = models.load(base)
     say("Tokenizing" + (" and reading the images" if images else ""))
@@ -147,19 +149,19 @@ def prepare_run(recipe_ref: str | None = None, *, model: str | None = None, data
                     world=world)
 
 
-def _vision_model(base: Path, recipe: recipes.Recipe):
-    """(mlx-vlm model with the towers, processor, config) for a run whose dataset has images."""
+def _vision_model(base: Path, recipe: recipes.Recipe, audio: bool = False):
+    """(mlx-vlm model with the towers, processor, config) for a run whose dataset has images or audio."""
     from mlx_gemma_tune import checkpoint, multimodal
 
     source = multimodal.vision_source(base)
     config = checkpoint.read_config(source)
-    multimodal.check_model(config, str(source))
+    multimodal.check_model(config, str(source), audio)
     if recipe.model.quantize:
         raise UserError("model.quantize is not supported for image fine-tuning yet", where="model.quantize",
                         hint="train the float model (LoRA on the language model keeps the memory small)")
     if recipe.data.pack:
         raise UserError("data.pack cannot pack image rows", where="data.pack", hint="set data.pack: false")
-    model, processor = multimodal.load(source)
+    model, processor = multimodal.load(source, audio=audio)
     return model, processor, config
 
 

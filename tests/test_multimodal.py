@@ -220,3 +220,70 @@ def test_lora_on_the_vision_projector_is_merged_by_the_hf_export(hf_model, image
     assert np.array_equal(exported[tower], source[tower])
     ours, theirs = _mlx_and_transformers_logits(run, out, image_data, 1)
     assert np.abs(ours - theirs).max() < 1e-4
+
+
+@pytest.fixture(scope="module")
+def tone_data(tmp_path_factory):
+    """8 chat rows: a sine tone (a WAV written here) and whether it is low or high."""
+    import wave
+
+    root = tmp_path_factory.mktemp("tones")
+    (root / "wav").mkdir()
+    rows = []
+    for i in range(8):
+        name, hz = [("low", 220), ("high", 1760)][i % 2]
+        t = np.arange(int((0.4 + 0.1 * (i % 3)) * 16000)) / 16000
+        with wave.open(str(root / "wav" / f"{i}.wav"), "wb") as w:
+            w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+            w.writeframes((0.3 * np.sin(2 * np.pi * hz * t) * 32767).astype("<i2").tobytes())
+        rows.append({"messages": [
+            {"role": "user", "content": [{"type": "audio", "audio": f"wav/{i}.wav"}, {"type": "text", "text": "Pitch?"}]},
+            {"role": "assistant", "content": name}]})
+    data = root / "tones.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data
+
+
+def test_audio_fine_tuning_of_gemma4_edge(hf_model, tone_data, tmp_path):
+    import mlx.core as mx
+    import torch
+    from safetensors.numpy import load_file
+    from transformers import Gemma4ForConditionalGeneration
+
+    from mlx_gemma_tune import dataset_files, multimodal
+    from mlx_gemma_tune.generate import ChatSession
+
+    run = tmp_path / "run"
+    res = run_cli(["train", "--model", hf_model("gemma4_edge"), "--data", tone_data, "-o", run,
+                   *_sets(["train.iters=8"])])
+    assert res.exit_code == 0, res.output
+    losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+              if r["type"] == "train"]
+    assert losses[-1] < losses[0] / 3
+    trained = mx.load(str(run / "adapters.safetensors"))
+    assert all(k.startswith("language_model.") for k in trained)  # the audio tower stayed frozen
+    res = run_cli(["generate", run, "--audio", tone_data.parent / "wav" / "1.wav", "--prompt", "Pitch?",
+                   "--compare", "--temp", "0", "--max-tokens", "3", "--json"])
+    assert res.exit_code == 0, res.output
+    answer = json.loads(res.stdout)[0]
+    assert answer["answer"] in ("low", "high") and answer["answer"] != answer["base"]
+
+    out = tmp_path / "hf"
+    assert run_cli(["export", run, "--format", "hf", "-o", out, "--dtype", "float32"]).exit_code == 0
+    exported, source = _exported(out), load_file(hf_model("gemma4_edge") / "model.safetensors")
+    towers = [k for k in source if k.startswith(("model.audio_tower.", "model.embed_audio."))]
+    assert towers and all(np.array_equal(exported[k], source[k]) for k in towers)
+    session = ChatSession.open(str(run), audio=True)
+    row = dataset_files.read_rows(tone_data)[1]
+    inputs, _, _, _, extra = multimodal.batch(multimodal.encode_row(session.processor, row))
+    ours = np.array(session.model(inputs, **extra).logits[0].astype(mx.float32))
+    hf = Gemma4ForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():  # the same log-mel features (mlx-vlm's extractor) into transformers' model
+        theirs = hf(input_ids=torch.tensor(np.array(inputs)),
+                    input_features=torch.tensor(np.array(extra["input_features"])),
+                    input_features_mask=torch.tensor(np.array(extra["input_features_mask"])),
+                    mm_token_type_ids=torch.tensor(np.array(extra["mm_token_type_ids"]))).logits[0].numpy()
+    assert np.abs(ours - theirs).max() < 1e-4
+
+    res = run_cli(["train", "--model", hf_model("gemma4_dense"), "--data", tone_data, "-o", tmp_path / "x", *_sets()])
+    assert_one_line_error(res, "no audio tower", "E2B")
