@@ -112,7 +112,7 @@ def prepare_run(recipe_ref: str | None = None, *, model: str | None = None, data
         model_obj, tokenizer, config = _vision_model(base, recipe, audio)
     else:
         model_obj, tokenizer, config = models.load(base)
-    say("Tokenizing" + (" and reading the images" if images else ""))
+    say("Tokenizing" + (" and reading the images / audio" if images else ""))
     train, valid, notes = _examples(tokenizer, splits, recipe, images)
 
     import mlx.core as mx
@@ -157,10 +157,10 @@ def _vision_model(base: Path, recipe: recipes.Recipe, audio: bool = False):
     config = checkpoint.read_config(source)
     multimodal.check_model(config, str(source), audio)
     if recipe.model.quantize:
-        raise UserError("model.quantize is not supported for image fine-tuning yet", where="model.quantize",
+        raise UserError("model.quantize is not supported for image / audio fine-tuning yet", where="model.quantize",
                         hint="train the float model (LoRA on the language model keeps the memory small)")
     if recipe.data.pack:
-        raise UserError("data.pack cannot pack image rows", where="data.pack", hint="set data.pack: false")
+        raise UserError("data.pack cannot pack image or audio rows", where="data.pack", hint="set data.pack: false")
     model, processor = multimodal.load(source, audio=audio)
     return model, processor, config
 
@@ -179,7 +179,7 @@ def _examples(tokenizer, splits: dict, recipe: recipes.Recipe, images: bool = Fa
             if images:
                 ex = multimodal.encode_row(tokenizer, row, d.mask_prompt) if row.messages else None
                 if ex is None:
-                    raise InputError("image fine-tuning needs chat rows (messages)", where=row.where)
+                    raise InputError("image / audio fine-tuning needs chat rows (messages)", where=row.where)
             else:
                 ex = data.encode_row(tokenizer, row, d.mask_prompt)
             fitted = data.fit_length(ex, d.max_seq_length, d.overlong)
