@@ -166,7 +166,7 @@ class ChatSession:
                                top_k=max(s.top_k, 0))
         self.stats = Stats()
         if any("parts" in m for m in messages) and self.processor is None:
-            raise UserError("images need a session with the vision tower", hint="pass --image")
+            raise UserError("images and audio need a session with the towers", hint="pass --image or --audio")
         if self.processor is not None:
             responses = self._stream_with_images(messages, sampler)
         else:

@@ -4,10 +4,11 @@ A run is multimodal when its dataset has image or audio parts ({"type": "image",
 {"type": "audio", "audio": "clip.wav"} inside a message's content; paths relative to the dataset
 file). mlx-vlm loads the model with its towers, from the Hugging Face checkpoint behind the base or
 from a `convert --multimodal` output; the audio tower only when the data has audio (E2B / E4B).
-LoRA wraps the same language-model modules as a text run (the vision tower and its projector stay
-frozen), so the adapter file has the same keys as a text adapter: chat, fuse and every export
-work on it unchanged, and `export --format hf` restores the towers byte for byte from the source.
-Only assistant text is learned: the image tokens sit in user turns, outside the loss mask.
+LoRA wraps the same language-model modules as a text run (the towers stay frozen; with
+lora.vision_projector the vision projector is adapted too), so the adapter file has the same keys as
+a text adapter: chat, fuse and every export work on it unchanged, and `export --format hf` restores
+the towers byte for byte from the source (merging a projector adapter). Only assistant text is
+learned: the image and audio tokens sit in user turns, outside the loss mask.
 
 Gemma 3n is refused: mlx-vlm does not train it, and its MobileNet vision tower cannot be checked
 against transformers here (transformers builds it with timm).
@@ -44,15 +45,15 @@ def check_model(config: dict, where: str, audio: bool = False) -> None:
     """A clear refusal unless the checkpoint is a Gemma 4 with a vision (and, for audio, an audio) tower."""
     model_type = config.get("model_type")
     if model_type in ("gemma3n", "gemma3n_text"):
-        raise UserError("image fine-tuning of Gemma 3n is not supported: mlx-vlm does not train Gemma 3n, and its "
-                        "MobileNet vision tower cannot be verified against transformers", where=where,
+        raise UserError("image and audio fine-tuning of Gemma 3n is not supported: mlx-vlm does not train Gemma 3n, "
+                        "and its MobileNet vision tower cannot be verified against transformers", where=where,
                         hint="fine-tune Gemma 4 (E2B / E4B) on images, or Gemma 3n on text only")
     if model_type != "gemma4" or not config.get("vision_config"):
-        raise UserError("the dataset has images but this model has no vision tower", where=where,
+        raise UserError("this model has no vision tower: images and audio need a multimodal Gemma 4", where=where,
                         hint="use a multimodal Gemma 4 checkpoint (e.g. google/gemma-4-E2B-it) or its "
                              "`convert --multimodal` output; text-only models learn from text rows")
     if audio and not config.get("audio_config"):
-        raise UserError("the dataset has audio but this model has no audio tower", where=where,
+        raise UserError("this model has no audio tower", where=where,
                         hint="Gemma 4 E2B and E4B hear audio; the larger Gemma 4 models see images only")
 
 
