@@ -135,3 +135,20 @@ def plot_losses(run: Path, records: list[dict]) -> Path | None:
     out = Path(run) / "loss.png"
     fsio.atomic_write_with(out, lambda tmp: img.save(tmp, format="PNG"))
     return out
+
+
+class MetricsInMemory:
+    """Metrics' interface for the ranks other than 0 of a distributed run: kept in memory, never written."""
+
+    def __init__(self):
+        self.records: list[dict] = []
+
+    @property
+    def count(self) -> int:
+        return len(self.records)
+
+    def write(self, record: dict) -> None:
+        self.records.append(record)
+
+    def read(self) -> list[dict]:
+        return list(self.records)

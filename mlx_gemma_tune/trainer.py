@@ -140,44 +140,6 @@ def fit(model, batches: Iterable, optimizer, *, max_grad_norm: float | None = No
     return result
 
 
-# ---- schedule and data order ----------------------------------------------------------------
-
-
-def lr_schedule(lr: float, kind: str, warmup: int, total: int):
-    """Linear warm-up (the first step already moves) then cosine / linear decay to 0, or constant."""
-    import mlx.optimizers as optim
-
-    decay_steps = max(total - warmup, 1)
-    if kind == "cosine":
-        decay = optim.cosine_decay(lr, decay_steps, 0.0)
-    elif kind == "linear":
-        decay = optim.linear_schedule(lr, 0.0, decay_steps)
-    else:  # constant; a schedule must return an array (the optimizer casts it)
-        decay = optim.linear_schedule(lr, lr, 1)
-    if warmup < 2:
-        return decay
-    return optim.join_schedules([optim.linear_schedule(lr / warmup, lr, warmup - 1), decay], [warmup])
-
-
-def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,
-                  bins: list[list[int]] | None = None) -> list[list[list[int]]]:
-    """An epoch's micro-batches, each a list of sequences, each a list of row indices.
-
-    Unpacked: length-grouped batches of single rows (little padding). Packed: `bins` (see
-    packing.pack) in a shuffled order, batch_size sequences per batch. Order fixed by (seed, epoch).
-    """
-    import numpy as np
-
-    rng = np.random.default_rng([seed, epoch])
-    if bins is not None:
-        seqs = [bins[i] for i in rng.permutation(len(bins))]
-        return [seqs[i:i + batch_size] for i in range(0, len(seqs), batch_size)]
-    tie = rng.random(len(lengths))
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], tie[i]))
-    groups = [[[i] for i in order[i:i + batch_size]] for i in range(0, len(order), batch_size)]
-    return [groups[i] for i in rng.permutation(len(groups))]
-
-
 # ---- the run ----------------------------------------------------------------------------------
 
 
@@ -221,6 +183,7 @@ def run(prepared, *, callback=None, control: Control | None = None) -> TrainSumm
     from mlx.utils import tree_flatten, tree_unflatten
 
     from mlx_gemma_tune import distributed, evaluate, lora, memory, models, multimodal, packing, rundir
+    from mlx_gemma_tune.schedule import epoch_batches, lr_schedule
 
     p = prepared
     world = p.world
@@ -244,7 +207,7 @@ def run(prepared, *, callback=None, control: Control | None = None) -> TrainSumm
         state = distributed.broadcast_json(state if world.main else None, world)
         flat = distributed.broadcast_arrays(dict(tree_flatten(opt_state)) if world.main else None, world)
         optimizer.state = tree_unflatten(list(flat.items()))
-    metrics = rundir.Metrics(run_dir, keep_lines=state["metrics_lines"]) if world.main else _Records()
+    metrics = rundir.Metrics(run_dir, keep_lines=state["metrics_lines"]) if world.main else rundir.MetricsInMemory()
     estimate = memory.estimate_for_run(p, bins, ranks=world.size)
     checkpointing = cfg.grad_checkpoint if cfg.grad_checkpoint is not None else estimate.over_budget
     if checkpointing:
@@ -388,23 +351,6 @@ def run(prepared, *, callback=None, control: Control | None = None) -> TrainSumm
     distributed.barrier(world)  # no rank exits (which ends the launch) before rank 0 has written
     emit.event("end", summary.to_dict())
     return summary
-
-
-class _Records:
-    """metrics for ranks other than 0: kept in memory, never written."""
-
-    def __init__(self):
-        self.records: list[dict] = []
-
-    @property
-    def count(self) -> int:
-        return len(self.records)
-
-    def write(self, record: dict) -> None:
-        self.records.append(record)
-
-    def read(self) -> list[dict]:
-        return list(self.records)
 
 
 class _Emitter:

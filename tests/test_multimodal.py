@@ -20,6 +20,16 @@ def _sets(extra=()):
     return [a for s in [*SETS, *extra] for a in ("--set", s)]
 
 
+def _dataset(path, kind: str, question: str, answers: list[str]):
+    """A chat dataset: row i asks `question` about file {kind folder}/{i}.{ext} and is answered answers[i]."""
+    folder, ext = {"image": ("img", "png"), "audio": ("wav", "wav")}[kind]
+    rows = [{"messages": [{"role": "user", "content": [{"type": kind, kind: f"{folder}/{i}.{ext}"},
+                                                       {"type": "text", "text": question}]},
+                          {"role": "assistant", "content": answer}]} for i, answer in enumerate(answers)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 @pytest.fixture(scope="module")
 def image_data(tmp_path_factory):
     """16 chat rows: a coloured picture (generated here) and the colour's name as the answer."""
@@ -28,17 +38,11 @@ def image_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("images")
     (root / "img").mkdir()
     rng = np.random.default_rng(0)
-    rows = []
-    for i in range(16):
-        name = list(COLOURS)[i % 4]
+    names = [list(COLOURS)[i % 4] for i in range(16)]
+    for i, name in enumerate(names):
         noise = rng.integers(-20, 20, (24 + 8 * (i % 3), 40, 3))
         Image.fromarray(np.clip(np.array(COLOURS[name]) + noise, 0, 255).astype(np.uint8)).save(root / "img" / f"{i}.png")
-        rows.append({"messages": [
-            {"role": "user", "content": [{"type": "image", "image": f"img/{i}.png"}, {"type": "text", "text": "Colour?"}]},
-            {"role": "assistant", "content": name}]})
-    data = root / "colours.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return data
+    return _dataset(root / "colours.jsonl", "image", "Colour?", names)
 
 
 @pytest.fixture(scope="module")
@@ -229,19 +233,14 @@ def tone_data(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tones")
     (root / "wav").mkdir()
-    rows = []
-    for i in range(8):
-        name, hz = [("low", 220), ("high", 1760)][i % 2]
+    names = ["low" if i % 2 == 0 else "high" for i in range(8)]
+    for i, name in enumerate(names):
         t = np.arange(int((0.4 + 0.1 * (i % 3)) * 16000)) / 16000
         with wave.open(str(root / "wav" / f"{i}.wav"), "wb") as w:
             w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+            hz = 220 if name == "low" else 1760
             w.writeframes((0.3 * np.sin(2 * np.pi * hz * t) * 32767).astype("<i2").tobytes())
-        rows.append({"messages": [
-            {"role": "user", "content": [{"type": "audio", "audio": f"wav/{i}.wav"}, {"type": "text", "text": "Pitch?"}]},
-            {"role": "assistant", "content": name}]})
-    data = root / "tones.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return data
+    return _dataset(root / "tones.jsonl", "audio", "Pitch?", names)
 
 
 def test_audio_fine_tuning_of_gemma4_edge(hf_model, tone_data, tmp_path):

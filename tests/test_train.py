@@ -477,10 +477,10 @@ def test_lr_schedules_drive_adamw(kind):
     import mlx.core as mx
     import mlx.optimizers as optim
 
-    from mlx_gemma_tune import trainer
+    from mlx_gemma_tune import schedule
 
     for warmup in (0, 4):
-        opt = optim.AdamW(learning_rate=trainer.lr_schedule(1e-2, kind, warmup, 10))
+        opt = optim.AdamW(learning_rate=schedule.lr_schedule(1e-2, kind, warmup, 10))
         params = {"w": mx.ones((3,))}
         seen = []
         for _ in range(10):
