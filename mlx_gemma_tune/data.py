@@ -22,7 +22,7 @@ class Example:
     tokens: list[int]
     mask: list[bool]  # True where the token is a training target (predicted from the one before)
     source: str  # "file:line", for messages
-    extra: dict | None = None  # image rows: numpy pixel_values / mm_token_type_ids (see multimodal.py)
+    extra: dict | None = None  # image / audio rows: numpy model inputs, e.g. pixel_values (see multimodal.py)
 
 
 def hf_tokenizer(tokenizer):
@@ -94,13 +94,14 @@ def encode_row(tokenizer, row, mask_prompt: bool = True) -> Example:
 
 
 def _cut_extra(ex: Example, max_len: int) -> dict | None:
-    """An image row's extras for its first max_len tokens; an image is never cut."""
+    """An image / audio row's extras for its first max_len tokens; an image or a clip is never cut."""
     if not ex.extra:
         return ex.extra
     kinds = ex.extra.get("mm_token_type_ids")
     if kinds is not None and kinds[0, max_len:].any():
         raise InputError(f"is {len(ex.tokens)} tokens and truncating it to data.max_seq_length {max_len} would cut "
-                         "an image", where=ex.source, hint="raise data.max_seq_length, or use fewer or smaller images")
+                         "an image or audio clip", where=ex.source,
+                         hint="raise data.max_seq_length, or use fewer or smaller images / shorter clips")
     return {**ex.extra, **({"mm_token_type_ids": kinds[:, :max_len]} if kinds is not None else {})}
 
 
