@@ -197,7 +197,10 @@ def test_image_refusals_are_one_clear_line(hf_model, image_data, tmp_path):
     assert_one_line_error(res, "image not found", "nope.png", f"{broken}:1")
     res = run_cli(["convert", hf_model("gemma3_text"), "-o", tmp_path / "d", "--multimodal"])
     assert_one_line_error(res, "no vision tower")
-    assert not any((tmp_path / n).exists() for n in "abcd")
+    res = run_cli(["train", "--model", hf_model("gemma4_edge"), "--data", image_data, "-o", tmp_path / "e",
+                   *_sets(["data.max_seq_length=20", "data.overlong=truncate"])])
+    assert_one_line_error(res, "would cut an image", f"{image_data}:1")
+    assert not any((tmp_path / n).exists() for n in "abcde")
 
 
 def test_lora_on_the_vision_projector_is_merged_by_the_hf_export(hf_model, image_data, tmp_path):
