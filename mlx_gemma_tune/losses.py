@@ -142,8 +142,8 @@ def masked_cross_entropy(model, inputs, targets, mask, segments=None, chunk: int
     logits; None or 0 computes the plain loss over full logits. selected: select_targets(mask)
     when the caller has it (a compiled step must pass it: the mask is not readable inside).
     grad: the caller differentiates this loss (a training step); any value is correct, True makes
-    the chunked loss's backward pass cheap and False its forward pass. extra: an image row's model
-    inputs (pixel_values, ...) for an mlx-vlm model; its loss runs over the full logits.
+    the chunked loss's backward pass cheap and False its forward pass. extra: an image / audio row's
+    model inputs (pixel_values, ...) for an mlx-vlm Gemma 4 (multimodal.head).
     """
     import mlx.core as mx
     import mlx.nn as nn
@@ -153,7 +153,14 @@ def masked_cross_entropy(model, inputs, targets, mask, segments=None, chunk: int
         from mlx_gemma_tune import packing
 
         cache = packing.attention_cache(model, segments)
-    parts = split_head(model) if chunk and not extra else None
+    if not chunk:
+        parts = None
+    elif extra:  # an image / audio row of an mlx-vlm Gemma 4
+        from mlx_gemma_tune import multimodal
+
+        parts = multimodal.head(model, extra)
+    else:
+        parts = split_head(model)
     if parts is None:
         out = model(inputs, cache=cache, **extra) if extra else model(inputs, cache=cache)
         logits = getattr(out, "logits", out).astype(mx.float32)  # mlx-vlm returns an output object

@@ -202,6 +202,24 @@ def _mismatch(where: str) -> None:
                     where=where)
 
 
+def head(model, extra: dict):
+    """(hidden_fn(inputs, cache=None), linear, cap) of an mlx-vlm Gemma 4 for one image / audio row,
+    as losses.split_head gives for text models, so that its loss never holds the full logits.
+
+    The hidden states are what mlx-vlm's Model.__call__ feeds its LM head: the token and tower
+    embeddings (get_input_embeddings) through the text model; the head is logits_from_hidden's
+    tied embedding and soft-cap (tests/test_multimodal.py checks the chunked loss against the full one)."""
+    lm = model.language_model
+    types = {k: extra[k] for k in ("mm_token_type_ids",) if k in extra}
+
+    def hidden_fn(inputs, cache=None):
+        feats = model.get_input_embeddings(input_ids=inputs, **extra)
+        return lm.model(None, inputs_embeds=feats.inputs_embeds, per_layer_inputs=feats.per_layer_inputs,
+                        cache=cache, **types)
+
+    return hidden_fn, lm.model.embed_tokens.as_linear, lm.final_logit_softcapping
+
+
 def batch(example: data.Example):
     """(inputs, targets, mask, None, extra) mlx arrays for one multimodal example."""
     import mlx.core as mx

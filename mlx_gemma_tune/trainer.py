@@ -69,8 +69,8 @@ def make_step(model, optimizer, max_grad_norm: float | None = None, *, compile: 
     def packed(inputs, targets, mask, segments, idx, weights):
         return value_and_grad(model, inputs, targets, mask, segments, chunk, (idx, weights), True)
 
-    def with_images(inputs, targets, mask, extra):  # not compiled: image sizes vary row to row
-        return value_and_grad(model, inputs, targets, mask, None, None, None, True, extra)
+    def with_images(inputs, targets, mask, extra, idx, weights):  # not compiled: image sizes vary row to row
+        return value_and_grad(model, inputs, targets, mask, None, chunk, (idx, weights), True, extra)
 
     if compile:
         # value_and_grad puts its (traced) parameters into the model, and dropout advances the
@@ -84,9 +84,9 @@ def make_step(model, optimizer, max_grad_norm: float | None = None, *, compile: 
         grads, total, count = None, mx.array(0.0), mx.array(0.0)
         for inputs, targets, mask, *rest in micro_batches:
             segments, extra = (list(rest) + [None, None])[:2]
-            selected = losses.select_targets(mask, chunk) if chunk and not extra else dummy
+            selected = losses.select_targets(mask, chunk) if chunk else dummy
             if extra:
-                (s, n), g = with_images(inputs, targets, mask, extra)
+                (s, n), g = with_images(inputs, targets, mask, extra, *selected)
             elif segments is None:
                 (s, n), g = plain(inputs, targets, mask, *selected)
             else:
