@@ -321,7 +321,7 @@ def data():
 def data_check(path, model, max_seq_length, as_json):
     """Report rows, formats, length stats, overlong, duplicate and empty rows of PATH."""
     from mlx_gemma_tune import ui
-    from mlx_gemma_tune.dataset_files import check
+    from mlx_gemma_tune.data_check import check
 
     with ui.status("Checking the dataset"):
         report = check(path, model, max_seq_length)

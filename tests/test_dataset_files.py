@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from mlx_gemma_tune.dataset_files import check_dataset, read_rows, read_splits
+from mlx_gemma_tune.data_check import check_dataset
+from mlx_gemma_tune.dataset_files import read_rows, read_splits
 from mlx_gemma_tune.errors import InputError, OfflineError
 
 SYS = {"role": "system", "content": "Be brief."}

@@ -133,6 +133,15 @@ def test_the_chunked_loss_equals_the_full_loss_on_image_and_audio_rows(kind, hf_
     assert max(float(mx.abs(g_full[k] - g_chunked[k]).max()) for k in g_full) < 1e-5 * scale, scale
 
 
+def test_data_check_reads_image_rows(image_data):
+    from mlx_gemma_tune.data_check import check_dataset
+
+    rep = check_dataset(image_data)
+    assert rep.splits == {"train": 16} and rep.formats == {"chat": 16}
+    assert rep.empty == 0  # a user turn holding an image and a question is not empty
+    assert rep.duplicates == 0  # the same question about different images is not a duplicate
+
+
 def test_image_training_lowers_the_loss_and_changes_the_answer(image_run, image_data):
     losses = [r["loss"] for r in map(json.loads, (image_run / "metrics.jsonl").read_text().splitlines())
               if r["type"] == "train"]

@@ -1,0 +1,89 @@
+"""`data check`: rows, formats, lengths, overlong, duplicate and empty rows of a dataset (all its splits)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from mlx_gemma_tune.data import encode_row
+from mlx_gemma_tune.dataset_files import Row, read_splits
+
+
+@dataclass
+class DataReport:
+    path: str
+    splits: dict[str, int]  # rows per split
+    formats: dict[str, int]  # rows per detected format, most common first
+    length_unit: str  # "tokens" (rendered exactly as training renders) or "characters" (no tokenizer)
+    lengths: dict[str, float]  # min, mean, p50, p95, max
+    max_seq_length: int
+    too_long: int | None  # rows with more than max_seq_length tokens; None without a tokenizer
+    too_long_at: list[str]  # first 3
+    duplicates: int  # rows whose normalised content repeats an earlier row, across all splits
+    duplicates_at: list[str]  # first 3, as "where (same as where)"
+    empty: int  # rows with an empty (or blank) text, message or field
+    empty_at: list[str]  # first 3
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_dataset(path: str | Path, tokenizer=None, max_seq_length: int = 2048) -> DataReport:
+    """Counts, formats, lengths, overlong, duplicate and empty rows of a dataset (all its splits)."""
+    splits = read_splits(path)
+    formats: Counter = Counter()
+    lengths: list[int] = []
+    too_long, duplicates, empty = [], [], []
+    first_seen: dict[str, str] = {}
+    for rows in splits.values():
+        for row in rows:
+            formats[row.fmt] += 1
+            n = _length(row, tokenizer)
+            lengths.append(n)
+            if tokenizer is not None and n > max_seq_length:
+                too_long.append(row.where)
+            key = json.dumps(row.messages if row.text is None else row.text, ensure_ascii=False)
+            if key in first_seen:
+                duplicates.append(f"{row.where} (same as {first_seen[key]})")
+            else:
+                first_seen[key] = row.where
+            # a message made of an image or a clip alone is not empty
+            contents = [row.text] if row.text is not None else [
+                m["content"] for m in row.messages if all(p["type"] == "text" for p in m.get("parts", []))]
+            if any(not c.strip() for c in contents):
+                empty.append(row.where)
+    ordered = sorted(lengths)
+    stats = {"min": ordered[0], "mean": round(sum(ordered) / len(ordered), 1),
+             "p50": _percentile(ordered, 0.50), "p95": _percentile(ordered, 0.95), "max": ordered[-1]}
+    return DataReport(
+        path=str(path), splits={s: len(r) for s, r in splits.items()}, formats=dict(formats.most_common()),
+        length_unit="tokens" if tokenizer is not None else "characters", lengths=stats,
+        max_seq_length=max_seq_length, too_long=len(too_long) if tokenizer is not None else None,
+        too_long_at=too_long[:3], duplicates=len(duplicates), duplicates_at=duplicates[:3],
+        empty=len(empty), empty_at=empty[:3])
+
+
+def _length(row: Row, tokenizer) -> int:
+    if tokenizer is None:
+        return len(row.text) if row.text is not None else sum(len(m["content"]) for m in row.messages)
+    return len(encode_row(tokenizer, row).tokens)  # the tokens training sees (chat template, bos/eos)
+
+
+def _percentile(ordered: list[int], q: float) -> int:
+    """Nearest-rank percentile of sorted values."""
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def check(path: str | Path, model: str | Path | None = None, max_seq_length: int = 2048) -> DataReport:
+    """check_dataset with the tokenizer of a local model directory (token lengths), if given."""
+    tokenizer = None
+    if model is not None:
+        from mlx_lm.utils import load_tokenizer
+
+        from mlx_gemma_tune.models import resolve_model_dir
+
+        tokenizer = load_tokenizer(resolve_model_dir(model))
+    return check_dataset(path, tokenizer, max_seq_length)
