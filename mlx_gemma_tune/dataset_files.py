@@ -355,14 +355,9 @@ def _parts(content: list, i: int, where: str) -> list[dict]:
     return parts
 
 
-def images_of(row: Row) -> list[str]:
-    """The image paths of a chat row, in order (as written in the dataset)."""
-    return media_of(row, "image")
-
-
-def media_of(row: Row, kind: str) -> list[str]:
-    """The `kind` ("image" / "audio") file paths of a chat row, in order (as written in the dataset)."""
-    return [p[kind] for m in row.messages or [] for p in m.get("parts", []) if p["type"] == kind]
+def media_of(messages: list[dict] | None, kind: str) -> list[str]:
+    """The `kind` ("image" / "audio") file paths of a conversation's parts, in order (as written)."""
+    return [p[kind] for m in messages or [] for p in m.get("parts", []) if p["type"] == kind]
 
 
 def _kind(value: object) -> str:

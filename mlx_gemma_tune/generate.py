@@ -183,9 +183,9 @@ class ChatSession:
         from mlx_vlm.generate import stream_generate as vlm_stream
 
         from mlx_gemma_tune import multimodal
+        from mlx_gemma_tune.dataset_files import media_of
 
-        paths = [p["image"] for m in messages for p in m.get("parts", []) if p["type"] == "image"]
-        clips = [p["audio"] for m in messages for p in m.get("parts", []) if p["type"] == "audio"]
+        paths, clips = media_of(messages, "image"), media_of(messages, "audio")
         multimodal.open_images(paths, "--image")  # a clear error for a missing or unreadable file
         if clips:
             multimodal.open_audio(clips, "--audio", self.processor.feature_extractor.sampling_rate)

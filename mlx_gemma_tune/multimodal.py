@@ -92,20 +92,21 @@ def load(model_dir: Path, audio: bool = False):
     return model, processor
 
 
-def image_dir(where: str) -> Path:
-    """The folder image paths of a row are relative to: its dataset file's ("path:line", "path[i]")."""
-    return Path(re.sub(r"(:\d+|\[\d+\])$", "", where)).parent
+def media_file(p: str, where: str, what: str) -> Path:
+    """The local file a row's image / audio part names (relative to its dataset file: "path:line",
+    "path[i]"), or a clear error."""
+    path = Path(p).expanduser()
+    path = path if path.is_absolute() else Path(re.sub(r"(:\d+|\[\d+\])$", "", where)).parent / path
+    if not path.is_file():
+        raise InputError(f"{what} not found: {path}", where=where, hint=f"{what} paths are relative to the dataset file")
+    return path
 
 
 def open_images(paths: list[str], where: str) -> list:
     from PIL import Image, UnidentifiedImageError
 
     images = []
-    for p in paths:
-        path = Path(p).expanduser()
-        path = path if path.is_absolute() else image_dir(where) / path
-        if not path.is_file():
-            raise InputError(f"image not found: {path}", where=where, hint="image paths are relative to the dataset file")
+    for path in (media_file(p, where, "image") for p in paths):
         try:
             with Image.open(path) as im:
                 images.append(im.convert("RGB"))
@@ -119,12 +120,7 @@ def open_audio(paths: list[str], where: str, sampling_rate: int) -> list:
     from mlx_vlm.utils import load_audio
 
     clips = []
-    for p in paths:
-        path = Path(p).expanduser()
-        path = path if path.is_absolute() else image_dir(where) / path
-        if not path.is_file():
-            raise InputError(f"audio file not found: {path}", where=where,
-                             hint="audio paths are relative to the dataset file")
+    for path in (media_file(p, where, "audio file") for p in paths):
         try:
             clips.append(load_audio(str(path), sampling_rate))
         except Exception as exc:  # the decoder's own errors: one line naming the file
@@ -156,8 +152,8 @@ def encode_row(processor, row, mask_prompt: bool = True) -> data.Example:
     messages = hf_messages(row.messages)
     tok = processor.tokenizer
     ex = data.encode_chat(tok, messages, row.where)
-    images = open_images(media_of(row, "image"), row.where)
-    clips = media_of(row, "audio")
+    images = open_images(media_of(row.messages, "image"), row.where)
+    clips = media_of(row.messages, "audio")
     clips = open_audio(clips, row.where, processor.feature_extractor.sampling_rate) if clips else []
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
     feats = processor(text=[text], images=images or None, audio=clips or None)

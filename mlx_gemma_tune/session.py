@@ -105,8 +105,8 @@ def prepare_run(recipe_ref: str | None = None, *, model: str | None = None, data
     if world.main:
         distributed.barrier(world)
     rows = [r for split in splits.values() for r in split or []]
-    audio = any(dataset_files.media_of(r, "audio") for r in rows)
-    images = audio or any(dataset_files.images_of(r) for r in rows)  # a multimodal run, through mlx-vlm
+    audio = any(dataset_files.media_of(r.messages, "audio") for r in rows)
+    images = audio or any(dataset_files.media_of(r.messages, "image") for r in rows)  # multimodal: mlx-vlm
     say("Loading the base model" + (" with its towers (mlx-vlm)" if images else ""))
     if images:
         model_obj, tokenizer, config = _vision_model(base, recipe, audio)
