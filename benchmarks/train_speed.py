@@ -19,6 +19,7 @@ estimate column is memory.py's prediction for our runs.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -176,15 +177,13 @@ def main() -> None:
                     print(f"{name} pack={pk} grad_checkpoint={ck}: {est.total_gb:.2f} GiB "
                           f"(weights {est.weights_gb:.2f}, activations {est.activations_gb:.2f}, loss {est.loss_gb:.2f})")
                 continue
-            runs = [("mlx-lm", lambda: run_mlx_lm(path, rows, batch, seq, args.steps, work))]
-            runs.append(("ours", lambda: run_ours(path, data_file, batch, seq, args.steps, work, pack=False,
-                                                  ckpt=False, name=f"{name}-ours")))
+            ours = functools.partial(run_ours, path, data_file, batch, seq, args.steps, work)
+            runs = [("mlx-lm", functools.partial(run_mlx_lm, path, rows, batch, seq, args.steps, work))]
+            runs.append(("ours", functools.partial(ours, pack=False, ckpt=False, name=f"{name}-ours")))
             if pack:
-                runs.append(("ours packed", lambda: run_ours(path, data_file, batch, seq, args.steps, work,
-                                                             pack=True, ckpt=False, name=f"{name}-packed")))
+                runs.append(("ours packed", functools.partial(ours, pack=True, ckpt=False, name=f"{name}-packed")))
             else:
-                runs.append(("ours +ckpt", lambda: run_ours(path, data_file, batch, seq, args.steps, work,
-                                                            pack=False, ckpt=True, name=f"{name}-ckpt")))
+                runs.append(("ours +ckpt", functools.partial(ours, pack=False, ckpt=True, name=f"{name}-ckpt")))
             base = None
             for label, fn in runs:
                 t0 = time.perf_counter()

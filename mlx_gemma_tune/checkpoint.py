@@ -141,7 +141,7 @@ def weight_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def check_float_weights(files: list["WeightFile"], model_dir: Path) -> None:
+def check_float_weights(files: list[WeightFile], model_dir: Path) -> None:
     """Refuse a Hugging Face checkpoint whose weight tensors are not floating point (e.g. int8 exports)."""
     for f in files:
         for name, (dtype, _shape) in f.tensors.items():

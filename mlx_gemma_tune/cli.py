@@ -360,7 +360,7 @@ def quickstart(model, steps, eval_rows, show, out, force, as_json):
 
 
 # chat, generate, fuse and export live in cli_use.py; importing it registers them on `cli`.
-from mlx_gemma_tune import cli_use  # noqa: E402,F401
+from mlx_gemma_tune import cli_use  # noqa: F401
 
 
 def main() -> None:

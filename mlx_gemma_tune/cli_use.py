@@ -6,7 +6,6 @@ library function, show the result through ui.
 
 from __future__ import annotations
 
-
 import click
 
 from mlx_gemma_tune.cli import cli
@@ -173,8 +172,8 @@ def fuse(run_dir, out, mode, group_size, base, force, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def export(run_or_fused, fmt, out, dtype, outtype, ollama, verify, base, force, as_json):
     """Export a run (or a fused model): a Hugging Face checkpoint, a PEFT adapter or a GGUF file."""
-    from mlx_gemma_tune import ui
     from mlx_gemma_tune import export as ex
+    from mlx_gemma_tune import ui
 
     if (outtype or ollama) and fmt != "gguf":
         raise click.UsageError("--outtype and --ollama apply to --format gguf")

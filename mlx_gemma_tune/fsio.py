@@ -13,12 +13,11 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from mlx_gemma_tune.errors import OutputError
-
 
 TEMP_MARKERS = (".partial-", ".old-", ".tmp")  # in the hidden names of our unfinished writes
 

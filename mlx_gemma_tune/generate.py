@@ -9,9 +9,9 @@ on (or to another one) without reloading the base, and answering one prompt with
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from mlx_gemma_tune.errors import InputError, UserError
 
@@ -82,7 +82,7 @@ class ChatSession:
 
     @classmethod
     def open(cls, model_or_run: str, adapter: str | None = None, images: bool = False, audio: bool = False,
-             **kwargs) -> "ChatSession":
+             **kwargs) -> ChatSession:
         """A session on a model or run; images / audio load the towers too (mlx-vlm)."""
         from mlx_gemma_tune import models
 

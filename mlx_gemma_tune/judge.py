@@ -26,7 +26,7 @@ def judge_messages(question: str, reference: str, answer: str) -> list[dict]:
 
 def parse_judgement(text: str) -> dict | None:
     """The scores in a judge reply, or None. Accepts a JSON object anywhere in the text (fenced or not)."""
-    for match in re.finditer(r"\{.*?\}", text or "", flags=re.S):
+    for match in re.finditer(r"\{.*?\}", text or "", flags=re.DOTALL):
         try:
             obj = json.loads(match.group(0))
         except ValueError:

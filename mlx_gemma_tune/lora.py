@@ -207,6 +207,6 @@ def load(model, config: dict, adapter_dir: Path) -> LoraSettings:
     missing = expected - set(weights)
     if missing:
         detach(model)
-        raise InputError(f"adapter is missing {len(missing)} tensors (e.g. {sorted(missing)[0]})", where=str(adapter_dir))
+        raise InputError(f"adapter is missing {len(missing)} tensors (e.g. {min(missing)})", where=str(adapter_dir))
     model.eval()
     return settings

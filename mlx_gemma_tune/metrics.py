@@ -78,7 +78,7 @@ def rouge_l(pred: str, ref: str) -> float:
 def parse_json(text: str):
     """The JSON value in an answer (a ```json fence is allowed), or raise ValueError."""
     s = (text or "").strip()
-    fence = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", s, flags=re.S)
+    fence = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", s, flags=re.DOTALL)
     if fence:
         s = fence.group(1)
     return json.loads(s)

@@ -57,7 +57,7 @@ class _PassThroughKV:
         return self._kv
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _gemma3n_language_model_class():
     import mlx.core as mx
     from mlx_lm.models import gemma3n
@@ -112,7 +112,7 @@ def _gemma3n_language_model_class():
     return LanguageModel
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _gemma3n_mlp_class():
     import mlx.core as mx
     import mlx.nn as nn
@@ -170,7 +170,7 @@ def _split_arrays(obj):
     return [], lambda xs: obj
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _keyed_dropout_class():
     import mlx.core as mx
     import mlx.nn as nn
@@ -189,7 +189,7 @@ def _keyed_dropout_class():
     return KeyedDropout
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _checkpointed_class(cls):
     import mlx.core as mx
     import mlx.nn as nn

@@ -123,7 +123,7 @@ def open_audio(paths: list[str], where: str, sampling_rate: int) -> list:
     for path in (media_file(p, where, "audio file") for p in paths):
         try:
             clips.append(load_audio(str(path), sampling_rate))
-        except Exception as exc:  # the decoder's own errors: one line naming the file
+        except Exception as exc:  # noqa: BLE001 (the decoder's own errors: one line naming the file)
             raise InputError(f"cannot read the audio file {path} ({exc})", where=where) from None
     return clips
 

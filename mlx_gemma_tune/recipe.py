@@ -29,7 +29,7 @@ def _f(default, help: str, choices: tuple | None = None):
 @dataclass
 class ModelConfig:
     path: str = _f(REQUIRED, "Base model: a directory made by `convert`, a Hugging Face Gemma directory or a hub id.")
-    quantize: typing.Optional[int] = _f(None, "Quantize the base to 4 or 8 bits before training (QLoRA); the "
+    quantize: int | None = _f(None, "Quantize the base to 4 or 8 bits before training (QLoRA); the "
                                         "converted copy is cached. null keeps the base as it is.", (None, 4, 8))
 
 
@@ -52,8 +52,8 @@ class LoraConfig:
     rank: int = _f(16, "Adapter rank r (8-64 is typical).")
     alpha: float = _f(32.0, "LoRA alpha; the update is scaled by alpha / rank (mlx-lm's `scale`).")
     dropout: float = _f(0.05, "Dropout on the adapter input.")
-    targets: typing.Union[str, list] = _f("all", "all, attention, mlp, or a list of names such as [q_proj, v_proj].")
-    num_layers: typing.Optional[int] = _f(None, "Adapt only the last N decoder layers; null = all layers.")
+    targets: str | list = _f("all", "all, attention, mlp, or a list of names such as [q_proj, v_proj].")
+    num_layers: int | None = _f(None, "Adapt only the last N decoder layers; null = all layers.")
     experts: bool = _f(False, "Also adapt MoE expert layers (Gemma 4 26B-A4B; not with DoRA).")
     vision_projector: bool = _f(False, "Image runs (Gemma 4): also adapt the vision projector (LoRA, not DoRA).")
 
@@ -64,25 +64,25 @@ class TrainConfig:
     schedule: str = _f("cosine", "Decay after warm-up.", ("cosine", "linear", "constant"))
     warmup_ratio: float = _f(0.1, "Share of the steps spent warming up linearly from 0.")
     epochs: float = _f(3.0, "Passes over the training rows (ignored when iters is set).")
-    iters: typing.Optional[int] = _f(None, "Optimizer steps to run; overrides epochs.")
+    iters: int | None = _f(None, "Optimizer steps to run; overrides epochs.")
     batch_size: int = _f(4, "Rows per micro-batch; with --distributed the global micro-batch, split across the processes.")
     grad_accumulation: int = _f(1, "Micro-batches per optimizer step (effective batch = batch_size x this).")
-    max_grad_norm: typing.Optional[float] = _f(1.0, "Clip the gradient norm to this; null = no clipping.")
+    max_grad_norm: float | None = _f(1.0, "Clip the gradient norm to this; null = no clipping.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     seed: int = _f(0, "Seed for data order, the held-out split, adapter init and dropout.")
     report_every: int = _f(10, "Steps between training reports (dashboard and metrics.jsonl).")
     eval_every: int = _f(50, "Steps between validation runs (and at the end).")
     save_every: int = _f(100, "Steps between checkpoints (and at the end).")
     keep_checkpoints: int = _f(3, "How many recent checkpoints to keep (the best one is kept as well).")
-    early_stopping_patience: typing.Optional[int] = _f(None, "Stop after this many validations without a new "
+    early_stopping_patience: int | None = _f(None, "Stop after this many validations without a new "
                                                         "best validation loss; null = never stop early.")
     compile: bool = _f(True, "Compile the training step with mx.compile (faster); false to debug.")
-    loss_chunk: typing.Optional[int] = _f(256, "Target tokens per slice of logits in the chunked loss (full logits are "
+    loss_chunk: int | None = _f(256, "Target tokens per slice of logits in the chunked loss (full logits are "
                                           "never held); null = the plain loss over full logits.")
-    grad_checkpoint: typing.Optional[bool] = _f(None, "Recompute each layer in the backward pass instead of keeping "
+    grad_checkpoint: bool | None = _f(None, "Recompute each layer in the backward pass instead of keeping "
                                                 "its activations (much less memory, 15-30% slower steps measured); null = only "
                                                 "when the memory estimate exceeds the machine's budget.")
-    val_batches: typing.Optional[int] = _f(None, "Limit each validation to this many batches; null = all.")
+    val_batches: int | None = _f(None, "Limit each validation to this many batches; null = all.")
 
 
 @dataclass

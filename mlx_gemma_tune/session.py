@@ -6,10 +6,10 @@ directory is created, so a refused run writes nothing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Callable
 
 from mlx_gemma_tune import distributed, fsio
 from mlx_gemma_tune import recipe as recipes
@@ -76,7 +76,7 @@ def prepare_run(recipe_ref: str | None = None, *, model: str | None = None, data
         resume_from = Path(shared["resume_from"]) if shared["resume_from"] else None
     else:
         recipe, name = resolve_recipe(recipe_ref, model=model, data=data, sets=sets)
-        run_dir = Path(out).expanduser() if out else Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
+        run_dir = Path(out).expanduser() if out else Path("runs") / f"{name}-{datetime.now().astimezone():%Y%m%d-%H%M%S}"
         run_dir = Path(distributed.broadcast_json(str(run_dir) if world.main else None, world))
         exists = run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir()))
         if world.main and exists and not force:  # only rank 0 has (and writes) the run directory
@@ -197,7 +197,7 @@ def _examples(tokenizer, splits: dict, recipe: recipes.Recipe, images: bool = Fa
     valid = encode(splits["valid"]) if splits.get("valid") else []
     if not splits.get("valid") and d.valid_fraction > 0 and len(train) >= 2:
         order = np.random.default_rng(recipe.train.seed).permutation(len(train))
-        n_valid = max(1, int(round(d.valid_fraction * len(train))))
+        n_valid = max(1, round(d.valid_fraction * len(train)))
         held = set(order[:n_valid].tolist())
         valid = [e for i, e in enumerate(train) if i in held]
         train = [e for i, e in enumerate(train) if i not in held]

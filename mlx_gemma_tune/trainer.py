@@ -12,9 +12,9 @@ from __future__ import annotations
 import math
 import signal
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 from mlx_gemma_tune import fsio, losses
 from mlx_gemma_tune.errors import OutputError, UserError
@@ -196,7 +196,7 @@ def run(prepared, *, callback=None, control: Control | None = None) -> TrainSumm
     n_batches = len(epoch_batches(lengths, cfg.batch_size, cfg.seed, 0, bins))
     steps_per_epoch = max(1, math.ceil(n_batches / cfg.grad_accumulation))
     total = cfg.iters or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    warmup = int(round(cfg.warmup_ratio * total))
+    warmup = round(cfg.warmup_ratio * total)
     optimizer = optim.AdamW(learning_rate=lr_schedule(cfg.lr, cfg.schedule, warmup, total),
                             weight_decay=cfg.weight_decay)
     state = {"step": 0, "best_val_loss": None, "best_step": None, "bad_evals": 0, "ema": None,
@@ -332,11 +332,10 @@ def run(prepared, *, callback=None, control: Control | None = None) -> TrainSumm
     finally:
         _restore_sigint(previous_handler)
         model.eval()
-    if state["adapter_from_step"] is None:  # validation never improved on a saved step
-        if last_ckpt is not None:
-            if world.main:
-                rundir.publish_adapter(run_dir, last_ckpt)
-            state["adapter_from_step"] = int(Path(last_ckpt).name.split("-")[1])
+    if state["adapter_from_step"] is None and last_ckpt is not None:  # validation never improved on a saved step
+        if world.main:
+            rundir.publish_adapter(run_dir, last_ckpt)
+        state["adapter_from_step"] = int(Path(last_ckpt).name.split("-")[1])
     if world.main:
         rundir.plot_losses(run_dir, metrics.read())
     train_records = [r for r in metrics.read() if r.get("type") == "train"]

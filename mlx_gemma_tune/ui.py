@@ -7,8 +7,8 @@ functions here turn those into spinners, tables and JSON.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 from rich.console import Console
 from rich.table import Table

@@ -15,5 +15,5 @@ if END not in text:  # first run: the table ends at the first blank line after S
     table, rest = tail.split("\n\n", 1)
     text = head + START + table + "\n" + END + "\n" + rest
 text = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _m: START + reference_table() + END, text,
-              flags=re.S)
+              flags=re.DOTALL)
 README.write_text(text)

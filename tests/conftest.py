@@ -10,6 +10,7 @@ defaults stay untouched:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -26,18 +27,45 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HOME"] = os.path.join(_PRIVATE_TMP, "hf-home")
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
-import pytest  # noqa: E402
+import pytest
 
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
 
-from fixtures import gemma_fixtures  # noqa: E402
+from fixtures import gemma_fixtures
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _model_cache(request):
-    """Converted bases and the demo model go to a cache kept between test runs, never the user's."""
-    os.environ["MLX_GEMMA_TUNE_CACHE"] = str(request.config.cache.mkdir("mlx-gemma-tune-cache"))
+def _model_cache(request, worker_id):  # worker_id: pytest-xdist's fixture, "master" without -n
+    """Converted bases and the demo model go to a cache kept between test runs, never the user's.
+
+    Under pytest-xdist each worker has its own converted-model cache (two processes converting
+    the same base into one cache would race on the directory's rename); the demo model (~2.3 GB,
+    used by one test) is shared through a link, so it is built once whichever worker runs it.
+    """
+    shared = Path(request.config.cache.mkdir("mlx-gemma-tune-cache"))
+    if worker_id == "master":
+        os.environ["MLX_GEMMA_TUNE_CACHE"] = str(shared)
+        return
+    mine = shared / "workers" / worker_id
+    mine.mkdir(parents=True, exist_ok=True)
+    (shared / "demo").mkdir(exist_ok=True)
+    if not (mine / "demo").is_symlink():
+        (mine / "demo").symlink_to(shared / "demo", target_is_directory=True)
+    os.environ["MLX_GEMMA_TUNE_CACHE"] = str(mine)
+
+
+@contextlib.contextmanager
+def _exclusive(lock: Path):
+    """Hold an exclusive lock on `lock` (created if missing): one xdist worker builds, the others wait."""
+    import fcntl
+
+    with open(lock, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _fixture_key() -> str:
@@ -57,13 +85,14 @@ def fixtures_root(request) -> Path:
     """Directory holding one Hugging Face-layout checkpoint per family (built once, cached)."""
     cache = Path(request.config.cache.mkdir("gemma-fixtures"))
     root = cache / _fixture_key()
-    if not (root / ".complete").exists():
-        for stale in cache.iterdir():
-            shutil.rmtree(stale, ignore_errors=True)
-        partial = Path(tempfile.mkdtemp(prefix="building-", dir=cache))
-        gemma_fixtures.build_all(partial)
-        (partial / ".complete").write_text("ok\n")
-        os.replace(partial, root)
+    with _exclusive(cache.parent / "gemma-fixtures.lock"):
+        if not (root / ".complete").exists():
+            for stale in cache.iterdir():
+                shutil.rmtree(stale, ignore_errors=True)
+            partial = Path(tempfile.mkdtemp(prefix="building-", dir=cache))
+            gemma_fixtures.build_all(partial)
+            (partial / ".complete").write_text("ok\n")
+            os.replace(partial, root)
     return root
 
 
@@ -108,3 +137,17 @@ def trained_run(hf_model, tmp_path_factory):
         return runs[family]
 
     return get
+
+
+# The longest test files, longest first (`--durations` on a 2-core machine): they start at once, so
+# that with two workers none of them is left to run alone at the end.
+LONGEST_FIRST = ("test_quickstart.py", "test_packing.py", "test_distributed.py", "test_crash_safety.py",
+                 "test_offline.py", "test_eval_tasks.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a file is kept

@@ -6,10 +6,8 @@ import json
 
 import pytest
 
-from helpers import assert_one_line_error, run_cli
-
 from conftest import ANSWER
-
+from helpers import assert_one_line_error, run_cli
 
 GREEDY = ["--temp", "0", "--max-tokens", "24"]
 
@@ -97,10 +95,22 @@ def test_generate_compare_json_and_prompts_file(trained_run, tmp_path):
     assert side.exit_code == 0 and f"tuned: {ANSWER}" in side.stdout
 
 
-def test_generate_with_seed_is_reproducible(trained_run):
-    args = ["generate", trained_run("gemma4_edge"), "--prompt", "Hello", "--temp", "1.0", "--seed", "7",
-            "--max-tokens", "12", "--adapter", trained_run("gemma4_edge")]
-    assert run_cli(args).stdout == run_cli(args).stdout
+def test_generate_with_seed_is_reproducible(trained_run, hf_model):
+    """The same seed gives the same sampled text; another seed another (the untuned random-weight
+    base at temperature 1 spreads its probability over the whole vocabulary)."""
+    def sample(model, seed, *extra):
+        res = run_cli(["generate", model, "--prompt", "Hello", "--temp", "1.0", "--seed", seed, "--max-tokens",
+                       "12", "--json", *extra])
+        assert res.exit_code == 0, res.output
+        answer = json.loads(res.stdout)[0]["answer"]
+        assert answer.strip(), res.output  # generation produced tokens
+        return answer
+
+    run = trained_run("gemma4_edge")
+    assert sample(run, 7) == sample(run, 7) == ANSWER
+    base = hf_model("gemma4_edge")
+    first = sample(base, 7)
+    assert sample(base, 7) == first and sample(base, 8) != first
 
 
 # ---- bad input ----------------------------------------------------------------------------------

@@ -6,31 +6,47 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 from helpers import assert_one_line_error, run_cli
 
 HEAVY = ("mlx", "mlx_lm", "mlx_vlm", "transformers", "torch", "datasets", "rich")
 
 
-def test_help_is_instant_and_imports_nothing_heavy():
-    code = ("import sys, mlx_gemma_tune.cli as c\n"
-            f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))")
-    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert loaded.stdout.strip() == "[]", loaded.stdout
-    best = 9.9
-    for _ in range(3):
-        start = time.perf_counter()
-        res = subprocess.run([sys.executable, "-m", "mlx_gemma_tune", "--help"], capture_output=True, text=True)
-        best = min(best, time.perf_counter() - start)
-        assert res.returncode == 0 and "convert" in res.stdout and "doctor" in res.stdout
-    assert best < 0.5, f"--help took {best:.2f} s"
+def test_help_imports_nothing_heavy():
+    """What makes `--help` slow is importing the ML stack; no command's help may (the wall-clock
+    figure is a benchmark, benchmarks/cli_startup.py, not a test on a shared machine)."""
+    code = f"""
+import sys
+from mlx_gemma_tune.cli import cli
+
+def walk(group, path):
+    yield path
+    for name, sub in getattr(group, "commands", {{}}).items():
+        yield from walk(sub, path + [name])
+
+seen = []
+for path in walk(cli, []):
+    try:
+        cli.main(path + ["--help"], prog_name="mlx-gemma-tune", standalone_mode=False)
+    except SystemExit:
+        pass
+    seen.append(" ".join(path) or "(group)")
+heavy = sorted({{m.split(".")[0] for m in sys.modules}} & set({HEAVY!r}))
+print("|".join(seen))
+print(heavy)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stderr
+    helped, heavy = res.stdout.strip().splitlines()[-2:]
+    assert {"(group)", "train", "export", "data check", "recipes list"} <= set(helped.split("|")), helped
+    assert heavy == "[]", f"`--help` imported {heavy}"
 
 
 def test_console_script_and_module_agree():
     exe = os.path.join(os.path.dirname(sys.executable), "mlx-gemma-tune")
-    a = subprocess.run([exe, "--version"], capture_output=True, text=True)
-    b = subprocess.run([sys.executable, "-m", "mlx_gemma_tune", "--version"], capture_output=True, text=True)
+    a = subprocess.run([exe, "--version"], capture_output=True, text=True, check=False)
+    b = subprocess.run([sys.executable, "-m", "mlx_gemma_tune", "--version"], capture_output=True, text=True,
+                       check=False)
     assert a.returncode == b.returncode == 0
     assert a.stdout == b.stdout and "mlx-gemma-tune" in a.stdout
 
@@ -43,8 +59,9 @@ def test_doctor_reports_versions_device_and_blas():
     res = run_cli(["doctor", "--json"])
     assert res.exit_code == 0, res.output
     rep = json.loads(res.stdout)
-    import mlx.core as mx
     from importlib.metadata import version
+
+    import mlx.core as mx
 
     assert rep["packages"]["mlx"] == version("mlx")
     assert rep["packages"]["mlx-lm"] == version("mlx-lm")

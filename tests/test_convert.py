@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fixtures.gemma_fixtures import FAMILIES
-from helpers import assert_one_line_error, run_cli, snapshot
+from helpers import assert_logits_close, assert_one_line_error, run_cli, snapshot
 
 # A fixed token sequence: bos, then ordinary byte-level tokens.
 TOKENS = [2, 40, 41, 60, 71, 80, 99, 120, 150, 200, 255, 300]
@@ -66,8 +66,7 @@ def test_float32_conversion_matches_transformers(family, hf_model, converted):
     ref = _hf_logits(hf_model(family), TOKENS)
     got = _mlx_logits(out, TOKENS)
     assert ref.shape == got.shape and np.isfinite(got).all()
-    diff = float(np.abs(ref - got).max())
-    assert diff < 1e-4, f"{family}: max |logit diff| {diff:.2e}"
+    assert_logits_close(got, ref, what=family)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import assert_one_line_error, run_cli
+from helpers import REPEATED_RTOL, assert_one_line_error, assert_same_training, initial_adapter, run_cli
 
 ROWS = [{"prompt": f"Question {i}: what comes after {i}?", "completion": f"{i + 1}."} for i in range(24)]
 SETS = ["train.iters=40", "train.batch_size=2", "train.report_every=1", "train.save_every=3",
@@ -100,8 +100,6 @@ def _losses(run: Path) -> dict[int, float]:
 
 
 def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(hf_model, tmp_path):
-    import mlx.core as mx
-
     from mlx_gemma_tune import fsio
 
     model = hf_model("gemma3_text")
@@ -124,7 +122,7 @@ def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(hf_model, tmp_
             hit = _kill_when(proc, lambda: _partial_checkpoint(run))
         else:
             n, delay = point
-            hit = _kill_when(proc, lambda n=n: _steps_logged(run) >= max(n, start + 1), delay=delay)
+            hit = _kill_when(proc, lambda n=n, start=start: _steps_logged(run) >= max(n, start + 1), delay=delay)
         proc.wait(timeout=120)
         assert hit and proc.returncode == -signal.SIGKILL, (point, proc.returncode, proc.stderr.read())
         landed.append((point, _steps_logged(run)))
@@ -148,13 +146,9 @@ def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(hf_model, tmp_
 
     assert_no_broken_file(run)
     assert not [p for p in run.rglob(".*") if fsio.is_leftover(p)], "leftovers of killed writes were cleared"
-    got, want = _losses(run), _losses(reference)
-    assert got.keys() == want.keys() == set(range(1, 41))
-    assert max(abs(got[s] - want[s]) for s in want) < 1e-6
-    a = mx.load(str(run / "adapters.safetensors"))
-    b = mx.load(str(reference / "adapters.safetensors"))
-    assert a.keys() == b.keys()
-    assert max(float(mx.abs(a[k] - b[k]).max()) for k in a) < 1e-6
+    assert _losses(run).keys() == _losses(reference).keys() == set(range(1, 41))
+    init = initial_adapter(model=str(model), data=str(data), out=str(tmp_path / "init"), sets=SETS)
+    assert_same_training(run, reference, init, REPEATED_RTOL)
     assert json.loads((run / "summary.json").read_text())["steps"] == 40
 
 
@@ -198,7 +192,7 @@ def test_disk_full_on_a_real_tiny_filesystem(hf_model, tmp_path):
     """convert onto a 256 KiB tmpfs: a clear line, the earlier output untouched, no partial directory."""
     mnt = tmp_path / "tiny"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)]).returncode != 0:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], check=False).returncode != 0:
         pytest.skip("cannot mount a tmpfs here")
     try:
         (mnt / "out").mkdir()
@@ -208,4 +202,4 @@ def test_disk_full_on_a_real_tiny_filesystem(hf_model, tmp_path):
         assert [p.name for p in mnt.iterdir()] == ["out"]
         assert (mnt / "out" / "keep.txt").read_text() == "the previous output"
     finally:
-        subprocess.run(["umount", str(mnt)])
+        subprocess.run(["umount", str(mnt)], check=False)

@@ -127,7 +127,8 @@ def real_demo(request, tmp_path_factory):
     pytest.importorskip("gguf")
     cache = tmp_path_factory.mktemp("demo-cache")
     env = dict(os.environ, MLX_GEMMA_TUNE_CACHE=str(cache))
-    run = subprocess.run([sys.executable, "-c", _BUILD], env=env, capture_output=True, text=True, timeout=900)
+    run = subprocess.run([sys.executable, "-c", _BUILD], env=env, capture_output=True, text=True, timeout=900,
+                         check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert report["torch_modules"] == []

@@ -19,6 +19,6 @@ def test_recipe_reference_matches_schema():
 def test_every_command_in_the_readme_exists():
     shown = set(re.findall(r"mlx-gemma-tune ([a-z]+)", README))
     res = run_cli(["--help"])
-    commands = set(re.findall(r"^  ([a-z]+)\s", res.stdout, flags=re.M))
+    commands = set(re.findall(r"^  ([a-z]+)\s", res.stdout, flags=re.MULTILINE))
     assert shown <= commands, f"the README shows commands that do not exist: {shown - commands}"
     assert commands <= shown, f"commands the README never shows: {commands - shown}"

@@ -65,9 +65,10 @@ def test_rows_without_reference(hf_model, tmp_path):
 def test_unknown_metric(hf_model, tmp_path):
     assert_one_line_error(run_cli(["eval", hf_model("gemma3_text"), "--data", _data(tmp_path), "--metric", "bleu"]),
                           "--metric", "'bleu'", code=2)
+    import pytest
+
     from mlx_gemma_tune.errors import UserError
     from mlx_gemma_tune.evaluate import evaluate
-    import pytest
 
     with pytest.raises(UserError, match="unknown metric 'bleu'"):
         evaluate(str(hf_model("gemma3_text")), str(_data(tmp_path)), metrics=("bleu",))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fixtures.gemma_fixtures import FAMILIES
-from helpers import run_cli
+from helpers import assert_logits_close, run_cli
 
 TOKENS_24 = [2, 33, 47, 58, 61, 77, 80, 95, 101, 120, 133, 150, 166, 181, 199, 210, 230, 245, 260, 280,
              300, 320, 340, 360]
@@ -44,7 +44,6 @@ def _np(x):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_no_cache_equals_cache_equals_transformers(family, hf_model):
     import mlx.core as mx
-    import numpy as np
     from mlx_lm.models.cache import make_prompt_cache
 
     from mlx_gemma_tune import models
@@ -55,8 +54,8 @@ def test_no_cache_equals_cache_equals_transformers(family, hf_model):
     infer = _np(model(x, cache=make_prompt_cache(model))[0])
     ref = _hf_logits(hf_model(family), TOKENS_24)
     assert train.shape == ref.shape == (24, ref.shape[1])
-    assert float(np.abs(train - infer).max()) < 1e-4, "training forward differs from the cached forward"
-    assert float(np.abs(train - ref).max()) < 1e-4, "training forward differs from transformers"
+    assert_logits_close(train, infer, what="training forward vs the cached forward")
+    assert_logits_close(train, ref, what="training forward vs transformers")
 
 
 def test_gemma3n_override_is_pinned(hf_model):
@@ -126,7 +125,6 @@ def test_zero_padding_row_gives_finite_loss(hf_model, tmp_path):
 def test_gemma3n_text_checkpoint(hf_model, tmp_path):
     """A Gemma3nForCausalLM (gemma3n_text) checkpoint converts, matches transformers, loads in mlx-lm."""
     import mlx.core as mx
-    import numpy as np
     from mlx_lm import load as stock_load
     from safetensors.numpy import load_file, save_file
 
@@ -151,4 +149,4 @@ def test_gemma3n_text_checkpoint(hf_model, tmp_path):
 
     got = _np(model(mx.array([TOKENS_24]), cache=make_prompt_cache(model))[0])
     ref = _hf_logits(src, TOKENS_24)
-    assert float(np.abs(got - ref).max()) < 1e-4
+    assert_logits_close(got, ref)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fixtures.gemma_fixtures import FAMILIES
-from helpers import assert_one_line_error, run_cli, snapshot
+from helpers import assert_logits_close, assert_one_line_error, run_cli, snapshot
 
 TOKENS = [2, 40, 41, 60, 71, 80, 99, 120, 150, 200, 255, 300]
 ROWS = [{"prompt": f"Question {i}?", "completion": f"Answer {i}."} for i in range(8)]
@@ -109,7 +109,6 @@ def test_key_tables_round_trip_on_every_family(hf_model):
 @pytest.mark.parametrize("method", ["lora", "dora", "qlora"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_export_hf_loads_as_original_class_and_matches(family, method, runs, tmp_path, monkeypatch):
-    import numpy as np
 
     from mlx_gemma_tune import export
 
@@ -126,8 +125,7 @@ def test_export_hf_loads_as_original_class_and_matches(family, method, runs, tmp
         assert unexpected == set()
     merged = export.load_merged(str(run))  # the MLX fused model (QLoRA: the dequantized merge)
     got = _torch_logits(model)
-    diff = float(np.abs(got - _mlx_logits(merged.model)).max())
-    assert diff < 1e-4, f"{family} {method}: {diff:.2e}"
+    assert_logits_close(got, _mlx_logits(merged.model), what=f"{family} {method}")
     assert index_is_complete(out)
     meta = json.loads((out / "config.json").read_text())
     assert "quantization" not in meta and "quantization_config" not in meta
@@ -146,7 +144,7 @@ def test_gemma3n_towers_are_byte_identical(runs, hf_model, tmp_path):
     assert run_cli(["export", runs("gemma3n", "lora"), "--format", "hf", "-o", out]).exit_code == 0
     src = safe_open(str(hf_model("gemma3n") / "model.safetensors"), "numpy")
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
-    towers = [k for k in src.keys() if k.startswith(("model.audio_tower.", "model.vision_tower."))]
+    towers = [k for k in src.keys() if k.startswith(("model.audio_tower.", "model.vision_tower."))]  # noqa: SIM118 (safe_open is not iterable)
     assert any("audio_tower" in k for k in towers) and any("vision_tower" in k for k in towers)
     for k in towers:
         got = safe_open(str(out / index[k]), "numpy").get_tensor(k)
@@ -161,7 +159,6 @@ def test_gemma3n_towers_are_byte_identical(runs, hf_model, tmp_path):
 @pytest.mark.parametrize("method", ["lora", "dora"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_export_peft_matches_base_plus_adapter(family, method, runs, hf_model, tmp_path, monkeypatch):
-    import numpy as np
     import peft
 
     from mlx_gemma_tune import lora, models
@@ -177,13 +174,12 @@ def test_export_peft_matches_base_plus_adapter(family, method, runs, hf_model, t
     want = _mlx_logits(mlx_model)
     base, _ = _load_original_class(hf_model(family), monkeypatch)
     pm = peft.PeftModel.from_pretrained(base, str(out)).eval()
-    assert float(np.abs(_torch_logits(pm) - want).max()) < 1e-4
+    assert_logits_close(_torch_logits(pm), want, what="PeftModel")
     merged = pm.merge_and_unload()
-    assert float(np.abs(_torch_logits(merged) - want).max()) < 1e-4
+    assert_logits_close(_torch_logits(merged), want, what="merge_and_unload")
 
 
 def test_fuse_qlora_dequantizes_and_requantize_reports(runs, tmp_path):
-    import numpy as np
     from mlx_lm import load
 
     from mlx_gemma_tune import generate, lora, models
@@ -200,7 +196,7 @@ def test_fuse_qlora_dequantizes_and_requantize_reports(runs, tmp_path):
     qmodel, qconfig = models.load_model(Path(base_dir))
     assert "quantization" in qconfig
     lora.load(qmodel, qconfig, adapter)
-    assert float(np.abs(_mlx_logits(fused) - _mlx_logits(qmodel)).max()) < 1e-4
+    assert_logits_close(_mlx_logits(fused), _mlx_logits(qmodel))
 
     req = run_cli(["fuse", run, "-o", tmp_path / "req", "--requantize", "4", "--json"])
     assert req.exit_code == 0, req.output

@@ -198,7 +198,7 @@ def _expected_tensors(family: str, hf: dict, config: dict) -> dict:
     for key, value in lm.items():
         if ".altup_projections." in key or ".altup_unembed_projections." in key:
             continue
-        if key.endswith("router.scale") or key.endswith("router.per_expert_scale"):
+        if key.endswith(("router.scale", "router.per_expert_scale")):
             block = key.split(".")[2]
             name = f"blk.{block}.ffn_gate_inp.scale" if key.endswith("router.scale") else f"blk.{block}.ffn_down_exps.scale"
             out[name] = ([key], value)

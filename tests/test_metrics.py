@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mlx_gemma_tune import judge, metrics as M
+from mlx_gemma_tune import judge
+from mlx_gemma_tune import metrics as M
 
 
 @pytest.mark.parametrize("pred,ref,want", [

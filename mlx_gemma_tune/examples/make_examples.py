@@ -112,18 +112,18 @@ def movie_review(rng: random.Random) -> dict:
     return {"prompt": f"Write a one-line {verdict} review of {a(genre)} about {subject}.", "completion": line}
 
 
-ISSUES = [("my order #{n} arrived damaged", "I'm so sorry your order #{n} arrived damaged. I've arranged a free "
-           "replacement, and you'll receive a prepaid return label by email today."),
-          ("I was charged twice for order #{n}", "I apologise for the double charge on order #{n}. I've refunded the "
-           "duplicate payment; it should appear on your statement within 3-5 business days."),
-          ("order #{n} still hasn't shipped", "Thank you for your patience, and I'm sorry order #{n} is late. It "
-           "ships tomorrow with express delivery at no extra cost, and I'll email you the tracking number."),
-          ("I can't log in to my account", "I'm sorry you're locked out. I've sent a password reset link to the "
-           "email on your account; if it doesn't arrive within ten minutes, reply here and I'll help right away."),
-          ("I want to cancel order #{n}", "Of course. I've cancelled order #{n} and started a full refund, which "
-           "usually takes 3-5 business days. Thank you for letting us know."),
-          ("the size I got for order #{n} is wrong", "I'm sorry about the wrong size in order #{n}. I've sent the "
-           "correct size today and attached a prepaid label for the return.")]
+ISSUES = [("my order #{n} arrived damaged", ("I'm so sorry your order #{n} arrived damaged. I've arranged a free "
+           "replacement, and you'll receive a prepaid return label by email today.")),
+          ("I was charged twice for order #{n}", ("I apologise for the double charge on order #{n}. I've refunded the "
+           "duplicate payment; it should appear on your statement within 3-5 business days.")),
+          ("order #{n} still hasn't shipped", ("Thank you for your patience, and I'm sorry order #{n} is late. It "
+           "ships tomorrow with express delivery at no extra cost, and I'll email you the tracking number.")),
+          ("I can't log in to my account", ("I'm sorry you're locked out. I've sent a password reset link to the "
+           "email on your account; if it doesn't arrive within ten minutes, reply here and I'll help right away.")),
+          ("I want to cancel order #{n}", ("Of course. I've cancelled order #{n} and started a full refund, which "
+           "usually takes 3-5 business days. Thank you for letting us know.")),
+          ("the size I got for order #{n} is wrong", ("I'm sorry about the wrong size in order #{n}. I've sent the "
+           "correct size today and attached a prepaid label for the return."))]
 MOODS = ["Hi, {issue}.", "Hello, {issue}. Please help.", "{Issue}! This is really frustrating.",
          "Good morning, {issue} - what can you do?", "Hey, {issue}, and I need it sorted soon."]
 
