@@ -57,7 +57,8 @@ def test_chat_session_through_the_cli(trained_run, tmp_path):
     out = res.stdout
     assert out.count(f"model: {ANSWER}") == 2  # two tuned turns
     assert "adapter off (base model)" in out and "adapter on" in out
-    assert f"tuned: {ANSWER}" in out and "base: " in out  # /compare shows both
+    base_line = next(line for line in out.splitlines() if line.startswith("base: "))
+    assert f"tuned: {ANSWER}" in out and base_line[6:].strip() not in ("", ANSWER)  # /compare shows both
     assert "unknown command '/nonsense'" in res.stderr and "/help" in res.stderr  # and the chat went on
     assert "/temp needs a number" in res.stderr
     assert f"saved to {transcript}" in out
@@ -88,7 +89,7 @@ def test_generate_compare_json_and_prompts_file(trained_run, tmp_path):
     assert res.exit_code == 0, res.output
     answers = json.loads(res.stdout)
     assert [a["prompt"] for a in answers] == ["Baby cat?", "Frozen water?"]
-    assert all(a["answer"] == ANSWER and a["base"] != ANSWER for a in answers)
+    assert all(a["answer"] == ANSWER and a["base"].strip() and a["base"] != ANSWER for a in answers)
     one = run_cli(["generate", trained_run("gemma3_text"), "--prompt", "Baby cat?", *GREEDY])
     assert one.exit_code == 0 and one.stdout.strip() == ANSWER
     side = run_cli(["generate", trained_run("gemma3_text"), "--prompt", "Baby cat?", "--compare", *GREEDY])

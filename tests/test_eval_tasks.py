@@ -50,6 +50,7 @@ def test_judge_runs_end_to_end_with_a_fixture_judge(trained_run, hf_model, tmp_p
     j = json.loads(res.stdout)["judge"]["tuned"]
     assert j["judged"] == 5 and j["parsed"] + j["unparsable"] == 5
     rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 5
     for row in rows:  # a random fixture judge never produces the JSON: retried once, then counted
         verdict = row["judge_tuned"]
         assert verdict["parsed"] or (verdict["attempts"] == 2 and "raw" in verdict)

@@ -209,4 +209,4 @@ def test_eval_with_adapter_and_bad_adapter(hf_model, tmp_path, chat_file):
     assert json.loads(tuned.stdout)["loss"] < 0.5 * json.loads(base.stdout)["loss"]
     # An adapter trained on another family does not fit: one line, not a traceback.
     bad = run_cli(["eval", hf_model("gemma3_text"), "--data", chat_file, "--adapter", adir])
-    assert_one_line_error(bad, str(adir))
+    assert_one_line_error(bad, str(adir), "trained on")

@@ -15,6 +15,7 @@ from helpers import (
     assert_logits_close,
     assert_one_line_error,
     assert_same_training,
+    give_lora_b_values,
     run_cli,
 )
 
@@ -122,9 +123,7 @@ def test_the_chunked_loss_equals_the_full_loss_on_image_and_audio_rows(kind, hf_
     config = checkpoint.read_config(hf_model("gemma4_edge"))
     mx.random.seed(0)
     lora.apply(model, config, lora.LoraSettings(rank=4, dropout=0.0))
-    lora_b = [(n, 0.05 * mx.random.normal(p.shape)) for n, p in tree_flatten(model.trainable_parameters())
-              if n.endswith("lora_b")]
-    model.load_weights(lora_b, strict=False)  # lora_b starts at 0: give it values, so every gradient is exercised
+    give_lora_b_values(model)
     data = image_data if kind == "image" else tone_data
     row = dataset_files.read_rows(data)[1]
     inputs, targets, mask, _, extra = multimodal.batch(multimodal.encode_row(processor, row))
@@ -157,7 +156,7 @@ def test_image_training_lowers_the_loss_and_changes_the_answer(image_run, image_
                    "--compare", "--temp", "0", "--max-tokens", "4", "--json"])
     assert res.exit_code == 0, res.output
     answer = json.loads(res.stdout)[0]
-    assert answer["answer"] in COLOURS and answer["answer"] != answer["base"]
+    assert answer["answer"] in COLOURS and answer["base"].strip() and answer["answer"] != answer["base"]
 
 
 def test_chat_sends_the_image_with_the_first_message_and_saves_it_in_the_transcript(image_run, image_data, tmp_path):
@@ -227,7 +226,7 @@ def test_convert_multimodal_keeps_the_towers_for_training_and_chat(hf_model, ima
     res = run_cli(["generate", run, "--image", image_data.parent / "img" / "0.png", "--prompt", "Colour?",
                    "--temp", "0", "--max-tokens", "3", "--json"])
     assert res.exit_code == 0, res.output
-    assert json.loads(res.stdout)[0]["answer"] is not None
+    assert json.loads(res.stdout)[0]["answer"].strip()  # the converted multimodal model answered about the image
 
 
 def test_image_refusals_are_one_clear_line(hf_model, image_data, tmp_path):
@@ -314,7 +313,7 @@ def test_audio_fine_tuning_of_gemma4_edge(hf_model, tone_data, tmp_path):
                    "--compare", "--temp", "0", "--max-tokens", "3", "--json"])
     assert res.exit_code == 0, res.output
     answer = json.loads(res.stdout)[0]
-    assert answer["answer"] in ("low", "high") and answer["answer"] != answer["base"]
+    assert answer["answer"] in ("low", "high") and answer["base"].strip() and answer["answer"] != answer["base"]
 
     out = tmp_path / "hf"
     assert run_cli(["export", run, "--format", "hf", "-o", out, "--dtype", "float32"]).exit_code == 0

@@ -58,7 +58,7 @@ def test_train_writes_a_complete_run_dir(hf_model, tmp_path):
 
     assert Image.open(run / "loss.png").size == (640, 400)
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["steps"] == 12 and summary["best_step"] is not None
+    assert summary["steps"] == 12 and summary["best_step"] in (4, 8, 12)
     # The recipe written is the resolved one: it reproduces the run.
     import yaml
 
