@@ -139,10 +139,13 @@ def trained_run(hf_model, tmp_path_factory):
     return get
 
 
-# The longest test files, longest first (`--durations` on a 2-core machine): they start at once, so
-# that with two workers none of them is left to run alone at the end.
-LONGEST_FIRST = ("test_quickstart.py", "test_packing.py", "test_distributed.py", "test_crash_safety.py",
-                 "test_offline.py", "test_eval_tasks.py")
+# The longest test files, longest first (`--durations` on a 2-core machine), so that with two
+# workers none of them is left to run alone at the end. pytest-xdist's loadfile scheduler gives each
+# worker its first two files at once: the real-model quickstart (~3-4 min, longer than the rest of
+# its worker's share) is paired with a file of a few seconds (test_docs.py), so that no long file
+# waits behind it.
+LONGEST_FIRST = ("test_quickstart.py", "test_packing.py", "test_docs.py", "test_distributed.py",
+                 "test_crash_safety.py", "test_offline.py", "test_eval_tasks.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -57,8 +57,7 @@ def test_chat_session_through_the_cli(trained_run, tmp_path):
     out = res.stdout
     assert out.count(f"model: {ANSWER}") == 2  # two tuned turns
     assert "adapter off (base model)" in out and "adapter on" in out
-    base_line = next(line for line in out.splitlines() if line.startswith("base: "))
-    assert f"tuned: {ANSWER}" in out and base_line[6:].strip() not in ("", ANSWER)  # /compare shows both
+    assert f"tuned: {ANSWER}" in out and "base: " in out  # /compare shows both
     assert "unknown command '/nonsense'" in res.stderr and "/help" in res.stderr  # and the chat went on
     assert "/temp needs a number" in res.stderr
     assert f"saved to {transcript}" in out
@@ -82,18 +81,26 @@ def test_chat_help_and_system(trained_run):
     assert "conversation cleared" in res.stdout
 
 
-def test_generate_compare_json_and_prompts_file(trained_run, tmp_path):
+def test_generate_compare_json_and_prompts_file(trained_run, hf_model, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("Baby cat?\n\nFrozen water?\n")
     res = run_cli(["generate", trained_run("gemma3_text"), "--prompts", prompts, "--compare", "--json", *GREEDY])
     assert res.exit_code == 0, res.output
     answers = json.loads(res.stdout)
     assert [a["prompt"] for a in answers] == ["Baby cat?", "Frozen water?"]
-    assert all(a["answer"] == ANSWER and a["base"].strip() and a["base"] != ANSWER for a in answers)
+    assert all(a["answer"] == ANSWER and a["base"] != ANSWER for a in answers)
     one = run_cli(["generate", trained_run("gemma3_text"), "--prompt", "Baby cat?", *GREEDY])
     assert one.exit_code == 0 and one.stdout.strip() == ANSWER
     side = run_cli(["generate", trained_run("gemma3_text"), "--prompt", "Baby cat?", "--compare", *GREEDY])
     assert side.exit_code == 0 and f"tuned: {ANSWER}" in side.stdout
+    # The base side of --compare is the base model's own answer. (Greedy, the random-weight base
+    # only emits newlines, stripped to ""; sampled with a seed it writes something to compare.)
+    sampled = ["--prompt", "Baby cat?", "--temp", "1.0", "--seed", "5", "--max-tokens", "12", "--json"]
+    both = run_cli(["generate", trained_run("gemma3_text"), "--compare", *sampled])
+    alone = run_cli(["generate", hf_model("gemma3_text"), *sampled])
+    assert both.exit_code == alone.exit_code == 0, both.output + alone.output
+    base = json.loads(both.stdout)[0]["base"]
+    assert base.strip() and base == json.loads(alone.stdout)[0]["answer"]
 
 
 def test_generate_with_seed_is_reproducible(trained_run, hf_model):
