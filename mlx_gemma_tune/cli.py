@@ -329,6 +329,12 @@ def data_check(path, model, max_seq_length, as_json):
         ui.print_json(report.to_dict())
     else:
         ui.show_data_report(report)
+    if report.refused:
+        from mlx_gemma_tune.data import REFUSED_HINT
+        from mlx_gemma_tune.errors import InputError
+
+        raise InputError(f"{len(report.refused)} row(s) cannot be rendered by the model's chat template "
+                         f"(listed above), e.g. {report.refused[0]}", where=str(path), hint=REFUSED_HINT)
 
 
 @cli.command()

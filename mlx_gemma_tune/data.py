@@ -1,17 +1,40 @@
 """Datasets: read and validate rows, render them with the model's own chat template, and
 mark the tokens the loss is computed on (every assistant turn, not only the last).
 
-Masks follow the template actually used: each assistant turn's span is what the
-template adds between "history + generation prompt" and "history + this answer", so
-Gemma 3 (`<start_of_turn>model`) and Gemma 4 (`<|turn>model`) need no hard-coded markers.
-The end-of-turn marker belongs to the answer, so the model learns to stop.
+What an assistant turn trains is what the model must emit at inference: the continuation of
+the generation prompt that `chat` / `generate` send for the conversation so far (the
+template's own `add_generation_prompt=True` rendering) up to and including the end-of-turn
+marker, so the model learns to stop. Nothing is hard-coded per family: the continuation is
+what the template adds for the turn beyond what it shares with the generation prompt.
+
+- Templates whose generation prompt is the start of the rendered turn (Gemma 3, 3n, 4 E2B/E4B:
+  `<start_of_turn>model\n` / `<|turn>model\n`) give one sequence per conversation with every
+  assistant turn a target.
+- Templates whose generation prompt differs from how a past turn renders (Gemma 4 26B-A4B /
+  31B with thinking off: the prompt ends `<|turn>model\n<|channel>thought\n<channel|>`, a past
+  turn renders `<|turn>model\n{answer}<turn|>`) give one sequence per assistant turn: exactly
+  the generation prompt's tokens (masked), then the answer's (trained).
+
+Reasoning (an assistant message's `reasoning_content` / `thinking` field, or a
+`<|channel>thought\n...<channel|>` block at the start of its content) is trained as the model
+produces it with thinking on (Gemma 4): the conversation rendered with `enable_thinking=True`, each
+turn one sequence, its continuation `<|channel>thought\n{thought}<channel|>{answer}<turn|>`. The
+template itself strips thoughts from past turns, as it does at inference. `data.reasoning` chooses
+train (the default) / drop (answers only) / error; models without a thinking format refuse it.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from mlx_gemma_tune.errors import InputError
+from mlx_gemma_tune.families import END_OF_TURN
+
+THOUGHT_OPEN, THOUGHT_CLOSE = "<|channel>thought\n", "<channel|>"  # Gemma 4's thinking block
+REASONING_POLICIES = ("train", "drop", "error")
+REFUSED_HINT = ("make the row a conversation the model's template accepts (e.g. merge consecutive user turns, "
+                "start with a user turn)")
 
 ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant",
                 "model": "assistant", "gpt": "assistant", "bot": "assistant"}
@@ -23,6 +46,7 @@ class Example:
     mask: list[bool]  # True where the token is a training target (predicted from the one before)
     source: str  # "file:line", for messages
     extra: dict | None = None  # image / audio rows: numpy model inputs, e.g. pixel_values (see multimodal.py)
+    text: str | None = None  # a chat row's rendered text (what the tokens encode; multimodal.py expands it)
 
 
 def hf_tokenizer(tokenizer):
@@ -31,45 +55,167 @@ def hf_tokenizer(tokenizer):
     return inner if inner is not None and hasattr(inner, "apply_chat_template") else tokenizer
 
 
-def _render(hf_tokenizer, messages: list[dict], generation_prompt: bool) -> str:
-    return hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+def render(hf_tokenizer, messages: list[dict], generation_prompt: bool, where: str = "", **template_args) -> str:
+    """The chat template's text for `messages` (transformers' apply_chat_template, tokenize=False;
+    template_args such as enable_thinking go to the template).
+
+    Raises InputError naming `where` when the template refuses the conversation (its
+    raise_exception, e.g. Gemma 3's "Conversation roles must alternate ...")."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
+                                                **template_args)
+    except TemplateError as exc:
+        raise InputError(f"the model's chat template refuses this conversation ({exc})", where=where,
+                         hint=REFUSED_HINT) from None
 
 
-def encode_chat(tokenizer, messages: list[dict], where: str = "") -> Example:
-    """Tokens of the rendered conversation and the mask of every assistant turn's tokens."""
-    hf = hf_tokenizer(tokenizer)
-    full = _render(hf, messages, False)
-    spans = []
+@dataclass
+class Turn:
+    """One assistant turn as inference sees it: `prompt` is the template's generation prompt for the
+    messages before it, `answer` the text the model must emit after it (end-of-turn included)."""
+    prompt: str
+    answer: str
+    in_context: bool  # prompt + answer is also how the template renders the turn after its history
+
+
+def assistant_turns(hf, messages: list[dict], where: str = "", **template_args) -> list[Turn]:
+    """Every assistant turn of a conversation, split into generation prompt and continuation."""
+    full = render(hf, messages, False, where, **template_args)
+    turns = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = _render(hf, messages[:i], True)
-        upto = _render(hf, messages[: i + 1], False)
-        if not (upto.startswith(before) and full.startswith(upto)):
+        history = render(hf, messages[:i], False, where, **template_args)
+        prompt = render(hf, messages[:i], True, where, **template_args)
+        upto = render(hf, messages[: i + 1], False, where, **template_args)
+        if not (prompt.startswith(history) and upto.startswith(history) and full.startswith(upto)):
             raise InputError(f"the chat template renders turn {i} differently in context, so its loss mask "
                              "cannot be found", where=where)
-        spans.append((len(before), len(upto)))
+        opening, rendered = prompt[len(history):], upto[len(history):]
+        answer = rendered[len(os.path.commonprefix([opening, rendered])):]
+        turns.append(Turn(prompt, answer, prompt + answer == upto))
+    return turns
+
+
+def split_reasoning(message: dict) -> tuple[str | None, str]:
+    """(thought, answer) of an assistant message: its `reasoning_content` field (dataset_files keeps
+    `thinking` under that name), or a `<|channel>thought ... <channel|>` block opening its content;
+    (None, content) when it has neither."""
+    content = message.get("content") or ""
+    if message.get("reasoning_content"):
+        return message["reasoning_content"], content
+    head = content.lstrip()
+    if head.startswith("<|channel>") and THOUGHT_CLOSE in head:
+        block, answer = head.split(THOUGHT_CLOSE, 1)
+        return block.removeprefix("<|channel>").removeprefix("thought").lstrip("\n"), answer.lstrip()
+    return None, content
+
+
+def has_reasoning(messages: list[dict]) -> bool:
+    """True when an assistant message of the conversation carries a thought (split_reasoning)."""
+    return any(m["role"] == "assistant" and split_reasoning(m)[0] is not None for m in messages)
+
+
+def can_think(hf) -> bool:
+    """The tokenizer has Gemma 4's thinking markers (Gemma 3 / 3n have none)."""
+    vocab = hf.get_vocab()
+    return all(t in vocab for t in ("<|channel>", "<channel|>", "<|think|>"))
+
+
+def _answers_only(messages: list[dict]) -> list[dict]:
+    out = []
+    for m in messages:
+        if m["role"] == "assistant":
+            m = {k: v for k, v in m.items() if k != "reasoning_content"} | {"content": split_reasoning(m)[1]}
+        out.append(m)
+    return out
+
+
+def encode_conversation(tokenizer, messages: list[dict], where: str = "", reasoning: str = "train") -> list[Example]:
+    """Tokens and loss masks of a conversation: one Example, or one per assistant turn (module doc).
+
+    Every Example's masked prefix before a trained turn is token for token what `chat` / `generate`
+    send as the prompt at that point (with thinking on, for rows that carry reasoning). `reasoning`
+    is data.reasoning: train / drop / error. Raises InputError (naming `where`) when the template
+    refuses the conversation or renders a turn inconsistently, when reasoning is refused, or when
+    the model has no thinking format to train it in."""
+    hf = hf_tokenizer(tokenizer)
+    thoughts = [split_reasoning(m)[0] for m in messages if m["role"] == "assistant"]
+    if any(t is not None for t in thoughts):
+        if reasoning == "error":
+            raise InputError("carries reasoning (a thought before the answer) and data.reasoning is error",
+                             where=where, hint="set data.reasoning to train (Gemma 4) or drop")
+        if reasoning == "train" and not can_think(hf):
+            raise InputError("carries reasoning, but this model has no thinking format (Gemma 4 has one)",
+                             where=where, hint="set data.reasoning: drop to train the answers only")
+        messages = _answers_only(messages)
+    if reasoning == "train" and any(t is not None for t in thoughts):
+        turns = assistant_turns(hf, messages, where, enable_thinking=True)
+        return [_sequence(hf, t.prompt, (f"{THOUGHT_OPEN}{thought}{THOUGHT_CLOSE}" if thought else "") + t.answer,
+                          where) for t, thought in zip(turns, thoughts)]
+    turns = assistant_turns(hf, messages, where)
+    if all(t.in_context for t in turns):
+        return [encode_chat(tokenizer, messages, where, turns)]
+    return [_sequence(hf, t.prompt, t.answer, where) for t in turns]
+
+
+def _sequence(hf, prompt: str, answer: str, where: str) -> Example:
+    """prompt's tokens (masked; tokenized alone, as generation tokenizes it), then answer's (trained)."""
+    p = list(hf(prompt, add_special_tokens=False)["input_ids"])
+    a = list(hf(answer, add_special_tokens=False)["input_ids"])
+    return Example(tokens=p + a, mask=[False] * len(p) + [True] * len(a), source=where, text=prompt + answer)
+
+
+def encode_chat(tokenizer, messages: list[dict], where: str = "", turns: list[Turn] | None = None) -> Example:
+    """The whole rendered conversation as one sequence, every assistant turn's tokens a target.
+
+    Only for templates that render each turn as its generation prompt + answer (Gemma 3, 3n,
+    4 E2B/E4B); others raise InputError (encode_conversation splits them per turn instead)."""
+    hf = hf_tokenizer(tokenizer)
+    turns = assistant_turns(hf, messages, where) if turns is None else turns
+    if not all(t.in_context for t in turns):
+        raise InputError("this model's chat template renders a past answer unlike its generation prompt (e.g. "
+                         "Gemma 4 26B/31B's empty thought block), so the conversation cannot be one training "
+                         "sequence", where=where, hint="train it as text rows, or on a Gemma 4 E2B/E4B model")
+    full = render(hf, messages, False, where)
+    spans = [(len(t.prompt), len(t.prompt) + len(t.answer)) for t in turns]  # the full text starts with each
     enc = hf(full, add_special_tokens=False, return_offsets_mapping=True)
     tokens = list(enc["input_ids"])
     in_answer = [any(s <= start and end <= e for s, e in spans) and end > start
                  for start, end in enc["offset_mapping"]]
     # Token t is a target when it lies in an answer; the model predicts it from t-1.
-    return Example(tokens=tokens, mask=in_answer, source=where)
+    return Example(tokens=tokens, mask=in_answer, source=where, text=full)
 
 
-def load_examples(tokenizer, path, max_seq_length: int | None = None, mask_prompt: bool = True):
+def load_examples(tokenizer, path, max_seq_length: int | None = None, mask_prompt: bool = True,
+                  reasoning: str = "train"):
     """Encoded examples of every row of a dataset (any format), and how many were truncated."""
     from mlx_gemma_tune import dataset_files
 
     examples, truncated = [], 0
     for row in dataset_files.read_rows(path):
-        ex = encode_row(tokenizer, row, mask_prompt)
-        if max_seq_length:
-            fitted = fit_length(ex, max_seq_length, "truncate")
-            truncated += fitted is not ex
-            ex = fitted
-        examples.append(ex)
+        for ex in encode_row(tokenizer, row, mask_prompt, reasoning):
+            if max_seq_length:
+                fitted = fit_length(ex, max_seq_length, "truncate")
+                truncated += fitted is not ex
+                ex = fitted
+            examples.append(ex)
     return examples, truncated
+
+
+def with_targets(examples: list[Example], path, max_seq_length: int | None) -> tuple[list[Example], list[str]]:
+    """(the examples that still have a target token, where the others came from) after truncation:
+    a row cut before its answer starts teaches nothing and has no loss, so it is dropped, as `train`
+    drops it. Raises InputError when none is left."""
+    kept = [e for e in examples if sum(e.mask[1:])]
+    dropped = [e.source for e in examples if not sum(e.mask[1:])]
+    if not kept:
+        raise InputError(f"no row has an answer token left after truncation to {max_seq_length} tokens "
+                         f"(e.g. {dropped[0] if dropped else 'none'})", where=str(path),
+                         hint="raise --max-seq-length, or check that the rows have answers")
+    return kept, dropped
 
 
 def batches(examples: list[Example], batch_size: int, pad_id: int = 0):
@@ -80,17 +226,40 @@ def batches(examples: list[Example], batch_size: int, pad_id: int = 0):
         yield packing.batch_arrays([[e] for e in examples[start:start + batch_size]], pad_id)[:3]
 
 
-def encode_row(tokenizer, row, mask_prompt: bool = True) -> Example:
-    """Tokens and loss mask of a normalised dataset row (see dataset_files.Row)."""
-    if row.messages is not None:
-        ex = encode_chat(tokenizer, row.messages, row.where)
-        if not mask_prompt:
+def encode_row(tokenizer, row, mask_prompt: bool = True, reasoning: str = "train") -> list[Example]:
+    """Tokens and loss masks of a normalised dataset row (see dataset_files.Row): a chat row gives
+    one Example or one per assistant turn (encode_conversation), a text row one (encode_text)."""
+    if row.messages is None:
+        return [encode_text(tokenizer, row.text, row.where)[0]]
+    examples = encode_conversation(tokenizer, row.messages, row.where, reasoning)
+    if not mask_prompt:
+        for ex in examples:
             ex.mask = [True] * len(ex.tokens)
-        return ex
+    return examples
+
+
+def encode_text(tokenizer, text: str, where: str = "") -> tuple[Example, list[str]]:
+    """A text row as `<bos> text <eos>`, every token a target, and what was adjusted to get there.
+
+    Text exported with apply_chat_template(tokenize=False) already starts with `<bos>` and ends
+    with the end-of-turn marker: such a row gets no second `<bos>`, and no `<eos>` after its
+    final end-of-turn / `<eos>` (trailing newlines aside). The second value names each
+    adjustment ("starts with <bos>", "ends with <end_of_turn>"), for `data check`."""
     hf = hf_tokenizer(tokenizer)
-    ids = hf(row.text, add_special_tokens=False)["input_ids"]
-    tokens = [hf.bos_token_id] + list(ids) + [hf.eos_token_id]
-    return Example(tokens=tokens, mask=[True] * len(tokens), source=row.where)
+    ids = list(hf(text, add_special_tokens=False)["input_ids"])
+    stops = {hf.eos_token_id} | {i for i in hf.convert_tokens_to_ids(list(END_OF_TURN)) if i != hf.unk_token_id}
+    adjusted = []
+    head = [hf.bos_token_id]
+    if ids and ids[0] == hf.bos_token_id:
+        head = []
+        adjusted.append(f"starts with {hf.bos_token}")
+    tail = [hf.eos_token_id]
+    last = next((t for t in reversed(ids) if hf.decode([t]).strip() or t in stops), None)
+    if last in stops:
+        tail = []
+        adjusted.append(f"ends with {hf.convert_ids_to_tokens(last)}")
+    tokens = head + ids + tail
+    return Example(tokens=tokens, mask=[True] * len(tokens), source=where), adjusted
 
 
 def _cut_extra(ex: Example, max_len: int) -> dict | None:

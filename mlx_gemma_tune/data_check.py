@@ -8,8 +8,9 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mlx_gemma_tune.data import encode_row
+from mlx_gemma_tune.data import encode_row, encode_text, has_reasoning
 from mlx_gemma_tune.dataset_files import Row, read_splits
+from mlx_gemma_tune.errors import InputError
 
 
 @dataclass
@@ -26,6 +27,10 @@ class DataReport:
     duplicates_at: list[str]  # first 3, as "where (same as where)"
     empty: int  # rows with an empty (or blank) text, message or field
     empty_at: list[str]  # first 3
+    refused: list[str]  # every row the model's chat template refuses, as "where: why" (with a tokenizer)
+    special_tokens_adjusted: int  # text rows already holding <bos> / a final end-of-turn: not doubled
+    special_tokens_adjusted_at: list[str]  # first 3, as "where (what)"
+    reasoning: int  # chat rows whose assistant turns carry a thought (trained with thinking on by default)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -36,15 +41,25 @@ def check_dataset(path: str | Path, tokenizer=None, max_seq_length: int = 2048) 
     splits = read_splits(path)
     formats: Counter = Counter()
     lengths: list[int] = []
-    too_long, duplicates, empty = [], [], []
+    too_long, duplicates, empty, refused, adjusted, reasoning = [], [], [], [], [], []
     first_seen: dict[str, str] = {}
     for rows in splits.values():
         for row in rows:
             formats[row.fmt] += 1
-            n = _length(row, tokenizer)
+            if row.messages is not None and has_reasoning(row.messages):
+                reasoning.append(row.where)
+            try:
+                n = _length(row, tokenizer)
+            except InputError as exc:  # the template refuses the row: list it, go on with the others
+                refused.append(f"{row.where}: {exc.message}")
+                n = _length(row, None)
             lengths.append(n)
             if tokenizer is not None and n > max_seq_length:
                 too_long.append(row.where)
+            if tokenizer is not None and row.text is not None:
+                what = encode_text(tokenizer, row.text, row.where)[1]
+                if what:
+                    adjusted.append(f"{row.where} ({', '.join(what)})")
             key = json.dumps(row.messages if row.text is None else row.text, ensure_ascii=False)
             if key in first_seen:
                 duplicates.append(f"{row.where} (same as {first_seen[key]})")
@@ -63,13 +78,16 @@ def check_dataset(path: str | Path, tokenizer=None, max_seq_length: int = 2048) 
         length_unit="tokens" if tokenizer is not None else "characters", lengths=stats,
         max_seq_length=max_seq_length, too_long=len(too_long) if tokenizer is not None else None,
         too_long_at=too_long[:3], duplicates=len(duplicates), duplicates_at=duplicates[:3],
-        empty=len(empty), empty_at=empty[:3])
+        empty=len(empty), empty_at=empty[:3], refused=refused, special_tokens_adjusted=len(adjusted),
+        special_tokens_adjusted_at=adjusted[:3], reasoning=len(reasoning))
 
 
 def _length(row: Row, tokenizer) -> int:
+    """Characters without a tokenizer; else the tokens training sees (chat template, bos/eos) in the
+    row's longest sequence (a conversation on a Gemma 4 26B/31B template is one sequence per turn)."""
     if tokenizer is None:
         return len(row.text) if row.text is not None else sum(len(m["content"]) for m in row.messages)
-    return len(encode_row(tokenizer, row).tokens)  # the tokens training sees (chat template, bos/eos)
+    return max(len(ex.tokens) for ex in encode_row(tokenizer, row))
 
 
 def _percentile(ordered: list[int], q: float) -> int:

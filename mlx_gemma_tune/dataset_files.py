@@ -7,7 +7,9 @@ also takes a folder of train.* / valid.* / test.* files, or a DatasetDict saved 
 
 Row schemas, detected row by row:
   chat               {"messages": [{"role", "content"}]} or ShareGPT {"conversations": [{"from", "value"}]};
-                     a user turn's content may be a list of text / image / audio parts (multimodal.py)
+                     a user turn's content may be a list of text / image / audio parts (multimodal.py);
+                     an assistant turn's reasoning may be its "reasoning_content" (also "thinking",
+                     "reasoning") field, kept as "reasoning_content" (data.py trains or drops it)
   prompt_completion  {"prompt", "completion"}, optional "system"
   instruction        {"instruction", "context" | "input" (optional), "response" | "output"}, optional "system"
   text               {"text"}: language modelling on every token
@@ -331,6 +333,12 @@ def _chat(msgs: object, key: str, where: str) -> list[dict]:
             raise InputError(f"message {i} content must be a string or a list of parts, not {_kind(content)}",
                              where=where, hint='parts: {"type": "text", "text": ...} or {"type": "image", '
                                                '"image": "path/to.png"}')
+        thought = _pick(m, "reasoning_content", "thinking", "reasoning")  # the fields chat exporters use
+        if thought is not None and canonical == "assistant":
+            if not isinstance(thought, str):
+                raise InputError(f"message {i} reasoning must be a string, not {_kind(thought)}", where=where)
+            out.append({"role": canonical, "content": content, "reasoning_content": thought})
+            continue
         out.append({"role": canonical, "content": content})
     if not any(m["role"] == "assistant" for m in out):
         raise InputError("has no assistant message to learn from", where=where)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mlx_gemma_tune import data, losses
@@ -18,6 +18,7 @@ class LossResult:
     tokens: int
     rows: int
     truncated: int
+    dropped: list[str] = field(default_factory=list)  # rows with no answer token left after truncation
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,9 +56,11 @@ def evaluate_loss(model_path: Path, data_path: Path, *, adapter: Path | None = N
     if adapter is not None or run_adapter is not None:
         lora.load(model, config, adapter or run_adapter)
     examples, truncated = data.load_examples(tokenizer, data_path, max_seq_length)
+    examples, dropped = data.with_targets(examples, data_path, max_seq_length)
     loss, tokens = dataset_loss(model, examples, batch_size, progress)
-    return LossResult(loss=loss, perplexity=float("nan") if math.isnan(loss) else math.exp(loss),
-                      tokens=tokens, rows=len(examples), truncated=truncated)
+    rows = len({e.source for e in examples})  # a conversation can be one sequence per turn (data.py)
+    return LossResult(loss=loss, perplexity=math.exp(loss), tokens=tokens, rows=rows, truncated=truncated,
+                      dropped=dropped)
 
 
 # ---- task metrics on generated answers ------------------------------------------------------
@@ -101,7 +104,7 @@ def generate_batch(session, prompts: list[list[dict]], max_tokens: int, batch_si
     """Greedy answers to many conversations, batched through mlx-lm's batch_generate."""
     from mlx_lm.generate import batch_generate
 
-    from mlx_gemma_tune.generate import END_OF_TURN
+    from mlx_gemma_tune.families import END_OF_TURN
 
     out = []
     for start in range(0, len(prompts), batch_size):
@@ -138,6 +141,8 @@ def evaluate(model_or_run: str, data_path: str, *, metrics: tuple[str, ...] = ("
     report = EvalReport(data=str(data_path), rows=0, metrics=list(metrics), scores={})
     answers: dict[str, list[str]] = {}
     examples = data.load_examples(session.tokenizer, data_path, max_seq_length)[0] if "loss" in metrics else []
+    if examples:
+        examples = data.with_targets(examples, data_path, max_seq_length)[0]
     for label in labels:
         if label == "base":
             session.disable_adapter()
@@ -146,7 +151,7 @@ def evaluate(model_or_run: str, data_path: str, *, metrics: tuple[str, ...] = ("
         if "loss" in metrics:
             loss, tokens = dataset_loss(session.model, examples, batch_size)
             report.loss = (report.loss or {}) | {label: {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens}}
-            report.rows = len(examples)
+            report.rows = len({e.source for e in examples})
         if text_metrics or judge_model:
             total = len(items)
             answers[label] = generate_batch(session, [m for _r, m, _ref in items], max_tokens, batch_size,

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from mlx_gemma_tune.errors import UnsupportedModelError, UserError
 
+END_OF_TURN = ("<end_of_turn>", "<turn|>")  # the end-of-turn markers of Gemma 3 / 3n and of Gemma 4
+
 # Components of a multimodal checkpoint that the text model does not use. mlx-lm's
 # sanitize() drops them; they are recorded at convert time so export can put them back.
 TOWER_COMPONENTS = (

@@ -37,13 +37,31 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def umask() -> int:
+    """The process's file mode creation mask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def plain_mode(path: Path, directory: bool = False) -> None:
+    """Give `path` the mode a plain open() / mkdir() would: 0o666 / 0o777 less the umask.
+
+    tempfile.mkstemp / mkdtemp create 0o600 / 0o700 whatever the umask, and a rename keeps the
+    mode: without this, outputs staged under a temporary name would be unreadable by other
+    accounts (an ollama service user, a container with another uid)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask())
+
+
 def atomic_write_with(path: Path, write) -> None:
-    """write(temp_path) creates the file's content; it then replaces `path` whole, durably."""
+    """write(temp_path) creates the file's content; it then replaces `path` whole, durably, with
+    the mode a plain open() would give it under the user's umask."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
+        plain_mode(Path(tmp))
         fsync_path(tmp)
         os.replace(tmp, path)
         fsync_path(path.parent)
@@ -98,13 +116,18 @@ def staged_dir(out: Path) -> Iterator[Path]:
 
     On any failure the temporary directory is removed and `out` is untouched. An
     existing `out` (the caller checked --force) is replaced only after the new one
-    is complete.
+    is complete. `out` and everything in it get the modes plain mkdir() / open() would
+    give under the user's umask (files written there through tempfile included).
     """
     out = Path(out).expanduser().absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         yield tmp
+        plain_mode(tmp, directory=True)
+        for f in tmp.rglob("*"):
+            if not f.is_symlink():
+                plain_mode(f, directory=f.is_dir())
         for f in tmp.rglob("*"):  # every byte on disk before the directory takes its name
             fsync_path(f)
         fsync_path(tmp)

@@ -14,8 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mlx_gemma_tune.errors import InputError, UserError
-
-END_OF_TURN = ("<end_of_turn>", "<turn|>")  # Gemma 3 / 3n, Gemma 4
+from mlx_gemma_tune.families import END_OF_TURN
 
 
 @dataclass

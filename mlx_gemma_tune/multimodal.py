@@ -137,32 +137,44 @@ def hf_messages(messages: list[dict]) -> list[dict]:
                      for p in m["parts"]]
             out.append({"role": m["role"], "content": parts})
         else:
-            out.append({"role": m["role"], "content": m["content"]})
+            out.append({k: v for k, v in m.items() if k in ("role", "content", "reasoning_content")})
     return out
 
 
-def encode_row(processor, row, mask_prompt: bool = True) -> data.Example:
-    """Tokens (image / audio placeholders expanded as the processor expands them), the loss mask of
-    the assistant turns, and the pixel values / audio features; checked token for token against
-    the processor."""
-    import numpy as np
-
+def encode_row(processor, row, mask_prompt: bool = True, reasoning: str = "train") -> list[data.Example]:
+    """The row's training sequences (one, or one per assistant turn as data.encode_conversation
+    splits them), each with its image / audio placeholders expanded as the processor expands them,
+    the loss mask of the assistant turns, and the pixel values / audio features of the images and
+    clips it holds; checked token for token against the processor."""
     from mlx_gemma_tune.dataset_files import media_of
 
     messages = hf_messages(row.messages)
     tok = processor.tokenizer
-    ex = data.encode_chat(tok, messages, row.where)
     images = open_images(media_of(row.messages, "image"), row.where)
     clips = media_of(row.messages, "audio")
     clips = open_audio(clips, row.where, processor.feature_extractor.sampling_rate) if clips else []
-    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
-    feats = processor(text=[text], images=images or None, audio=clips or None)
-    ids = [int(t) for t in np.asarray(feats["input_ids"]).reshape(-1)]
     spans = {}  # placeholder id -> (begin id, end id): <boi> <image> x n <eoi>, <boa> <audio> x n <eoa>
     for soft, begin, end in ((processor.image_token, processor.boi_token, processor.eoi_token),
                              (processor.audio_token, processor.boa_token, processor.eoa_token)):
         if soft:
             spans[tok.convert_tokens_to_ids(soft)] = tuple(tok.convert_tokens_to_ids(x) for x in (begin, end))
+    image_id = tok.convert_tokens_to_ids(processor.image_token) if processor.image_token else None
+    audio_id = tok.convert_tokens_to_ids(processor.audio_token) if getattr(processor, "audio_token", None) else None
+    out = []
+    for ex in data.encode_conversation(tok, messages, row.where, reasoning):
+        # a sequence holds the first n images / clips of the row (a later turn's prompt holds them all)
+        n_images, n_clips = ex.tokens.count(image_id), ex.tokens.count(audio_id)
+        out.append(_expand(processor, ex, spans, images[:n_images], clips[:n_clips], mask_prompt, row.where))
+    return out
+
+
+def _expand(processor, ex: data.Example, spans: dict, images: list, clips: list, mask_prompt: bool,
+            where: str) -> data.Example:
+    """ex with each placeholder expanded to the processor's tokens, and the model inputs of its media."""
+    import numpy as np
+
+    feats = processor(text=[ex.text], images=images or None, audio=clips or None)
+    ids = [int(t) for t in np.asarray(feats["input_ids"]).reshape(-1)]
     mask, j = [], 0
     for t, m in zip(ex.tokens, ex.mask):
         if t in spans:  # one placeholder -> begin, soft tokens, end; never a target
@@ -173,15 +185,15 @@ def encode_row(processor, row, mask_prompt: bool = True) -> data.Example:
                 j += 1
             j += ids[j] == end if j < len(ids) else 0
             if j - start < 3:
-                _mismatch(row.where)
+                _mismatch(where)
             mask += [False] * (j - start)
             continue
         if j >= len(ids) or ids[j] != t:
-            _mismatch(row.where)
+            _mismatch(where)
         mask.append(bool(m) if mask_prompt else True)
         j += 1
     if j != len(ids):
-        _mismatch(row.where)
+        _mismatch(where)
     extra = {}
     if images:
         extra["pixel_values"] = np.asarray(feats["pixel_values"])
@@ -190,7 +202,7 @@ def encode_row(processor, row, mask_prompt: bool = True) -> data.Example:
         extra["input_features_mask"] = np.asarray(feats["input_features_mask"])
     if "mm_token_type_ids" in feats:
         extra["mm_token_type_ids"] = np.asarray(feats["mm_token_type_ids"]).reshape(1, -1)
-    return data.Example(tokens=ids, mask=mask, source=row.where, extra=extra or None)
+    return data.Example(tokens=ids, mask=mask, source=where, extra=extra or None, text=ex.text)
 
 
 def _mismatch(where: str) -> None:

@@ -41,6 +41,9 @@ class DataConfig:
     max_seq_length: int = _f(2048, "Longest row in tokens; longer rows are handled as `overlong` says.")
     overlong: str = _f("truncate", "What to do with rows over max_seq_length.", ("truncate", "drop", "error"))
     mask_prompt: bool = _f(True, "Train only on assistant turns (every turn). false trains on all tokens.")
+    reasoning: str = _f("train", "Assistant turns with a thought (reasoning_content, or a <|channel>thought block): "
+                        "train it as Gemma 4 thinks (thinking on; other families refuse it), drop it (answers "
+                        "only), or error.", ("train", "drop", "error"))
     pack: bool = _f(False, "Pack several rows into each sequence of up to max_seq_length tokens (attention stays "
                     "within a row); batch_size then counts packed sequences. Pays when padding dominates; the "
                     "default length-grouped batches were faster on benchmarks/train_speed.py's short rows.")

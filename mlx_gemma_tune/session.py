@@ -177,30 +177,32 @@ def _examples(tokenizer, splits: dict, recipe: recipes.Recipe, images: bool = Fa
         out = []
         for row in rows:
             if images:
-                ex = multimodal.encode_row(tokenizer, row, d.mask_prompt) if row.messages else None
-                if ex is None:
+                if not row.messages:
                     raise InputError("image / audio fine-tuning needs chat rows (messages)", where=row.where)
-            else:
-                ex = data.encode_row(tokenizer, row, d.mask_prompt)
-            fitted = data.fit_length(ex, d.max_seq_length, d.overlong)
-            if fitted is None:
-                notes["dropped"] += 1
-                continue
-            notes["truncated"] += fitted is not ex
-            if sum(fitted.mask[1:]):
-                out.append(fitted)
-            else:
-                notes["dropped"] += 1  # nothing left to learn from after truncation
+                encoded = multimodal.encode_row(tokenizer, row, d.mask_prompt, d.reasoning)
+            else:  # one per turn on 26B/31B templates and for rows with reasoning
+                encoded = data.encode_row(tokenizer, row, d.mask_prompt, d.reasoning)
+            for ex in encoded:
+                fitted = data.fit_length(ex, d.max_seq_length, d.overlong)
+                if fitted is None:
+                    notes["dropped"] += 1
+                    continue
+                notes["truncated"] += fitted is not ex
+                if sum(fitted.mask[1:]):
+                    out.append(fitted)
+                else:
+                    notes["dropped"] += 1  # nothing left to learn from after truncation
         return out
 
     train = encode(splits["train"])
     valid = encode(splits["valid"]) if splits.get("valid") else []
-    if not splits.get("valid") and d.valid_fraction > 0 and len(train) >= 2:
-        order = np.random.default_rng(recipe.train.seed).permutation(len(train))
-        n_valid = max(1, round(d.valid_fraction * len(train)))
-        held = set(order[:n_valid].tolist())
-        valid = [e for i, e in enumerate(train) if i in held]
-        train = [e for i, e in enumerate(train) if i not in held]
+    rows = list(dict.fromkeys(e.source for e in train))  # a row's examples (one per turn) stay together
+    if not splits.get("valid") and d.valid_fraction > 0 and len(rows) >= 2:
+        order = np.random.default_rng(recipe.train.seed).permutation(len(rows))
+        n_valid = max(1, round(d.valid_fraction * len(rows)))
+        held = {rows[i] for i in order[:n_valid].tolist()}
+        valid = [e for e in train if e.source in held]
+        train = [e for e in train if e.source not in held]
         notes["held_out"] = n_valid
     if not train:
         raise InputError("has no training rows left (after holding out validation rows and dropping overlong ones)",

@@ -7,6 +7,7 @@ functions here turn those into spinners, tables and JSON.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -78,6 +79,9 @@ def show_loss(r) -> None:
               f"({r.tokens:,} target tokens in {r.rows:,} rows)")
     if r.truncated:
         err.print(f"[yellow]warning:[/] {r.truncated} rows were longer than --max-seq-length and were truncated")
+    if r.dropped:
+        err.print(f"[yellow]warning:[/] {len(r.dropped)} rows had no answer token left after truncation and were "
+                  f"left out (e.g. {', '.join(r.dropped[:3])})", highlight=False, soft_wrap=True)
 
 
 def stage(message: str) -> None:
@@ -116,7 +120,18 @@ def print_json(obj) -> None:
     # Plain stdout, no Rich markup or wrapping, so scripts can parse it.
     import click
 
-    click.echo(json.dumps(obj, indent=2))
+    click.echo(json.dumps(_finite(obj), indent=2, allow_nan=False))
+
+
+def _finite(obj):
+    """obj with NaN / infinities as null: JSON has no such numbers (json.dumps would write NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def show_convert(r) -> None:
@@ -221,7 +236,16 @@ def show_data_report(r) -> None:
         t.add_row(f"Over {r.max_seq_length} tokens", f"{r.too_long}{at}")
     t.add_row("Duplicates", f"{r.duplicates}" + (f" (e.g. {'; '.join(r.duplicates_at)})" if r.duplicates_at else ""))
     t.add_row("Empty fields", f"{r.empty}" + (f" (e.g. {', '.join(r.empty_at)})" if r.empty_at else ""))
+    if r.special_tokens_adjusted:
+        t.add_row("Special tokens", f"{r.special_tokens_adjusted} text row(s) already hold them, not added twice "
+                  f"(e.g. {'; '.join(r.special_tokens_adjusted_at)})")
+    if r.reasoning:
+        t.add_row("With reasoning", f"{r.reasoning} row(s): the thought is trained with thinking on (Gemma 4; "
+                  "data.reasoning: drop trains the answers only)")
+    t.add_row("Refused by the template", str(len(r.refused)))
     out.print(t)
+    for line in r.refused:
+        out.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
 
 
 # ---- chat / generate ---------------------------------------------------------------------------

@@ -84,7 +84,7 @@ def _mlx_and_transformers_logits(run, export_dir, image_data, i: int):
 
     session = ChatSession.open(str(run), images=True)
     row = dataset_files.read_rows(image_data)[i]
-    inputs, _, _, _, extra = multimodal.batch(multimodal.encode_row(session.processor, row))
+    inputs, _, _, _, extra = multimodal.batch(multimodal.encode_row(session.processor, row)[0])
     ours = np.array(session.model(inputs, **extra).logits[0].astype(mx.float32))
     hf = Gemma4ForConditionalGeneration.from_pretrained(export_dir, dtype=torch.float32)
     pixels = Gemma4ImageProcessorPil(max_soft_tokens=70)(
@@ -101,7 +101,7 @@ def test_only_the_assistant_text_is_learned(hf_model, image_data):
 
     _model, processor = multimodal.load(hf_model("gemma4_edge"))
     row = dataset_files.read_rows(image_data)[0]
-    ex = multimodal.encode_row(processor, row)
+    [ex] = multimodal.encode_row(processor, row)
     tok = processor.tokenizer
     image_id = tok.convert_tokens_to_ids(processor.image_token)
     assert 40 < ex.tokens.count(image_id) <= 70  # up to the fixture's 70 soft tokens per image, in the user turn
@@ -126,7 +126,7 @@ def test_the_chunked_loss_equals_the_full_loss_on_image_and_audio_rows(kind, hf_
     give_lora_b_values(model)
     data = image_data if kind == "image" else tone_data
     row = dataset_files.read_rows(data)[1]
-    inputs, targets, mask, _, extra = multimodal.batch(multimodal.encode_row(processor, row))
+    inputs, targets, mask, _, extra = multimodal.batch(multimodal.encode_row(processor, row)[0])
     results = []
     for chunk in (None, 4):
         fn = nn.value_and_grad(model, losses.masked_cross_entropy)
@@ -322,7 +322,7 @@ def test_audio_fine_tuning_of_gemma4_edge(hf_model, tone_data, tmp_path):
     assert towers and all(np.array_equal(exported[k], source[k]) for k in towers)
     session = ChatSession.open(str(run), audio=True)
     row = dataset_files.read_rows(tone_data)[1]
-    inputs, _, _, _, extra = multimodal.batch(multimodal.encode_row(session.processor, row))
+    inputs, _, _, _, extra = multimodal.batch(multimodal.encode_row(session.processor, row)[0])
     ours = np.array(session.model(inputs, **extra).logits[0].astype(mx.float32))
     hf = Gemma4ForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
     with torch.no_grad():  # the same log-mel features (mlx-vlm's extractor) into transformers' model

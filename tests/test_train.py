@@ -397,8 +397,8 @@ def test_no_mask_prompt_trains_on_everything(hf_model, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", chat_rows()[:1])
     row = dataset_files.read_rows(path)[0]
     tok = load_tokenizer(hf_model("gemma3_text"))
-    assert all(data.encode_row(tok, row, mask_prompt=False).mask)
-    assert not all(data.encode_row(tok, row, mask_prompt=True).mask)
+    [unmasked], [masked] = data.encode_row(tok, row, mask_prompt=False), data.encode_row(tok, row, mask_prompt=True)
+    assert all(unmasked.mask) and not all(masked.mask) and unmasked.tokens == masked.tokens
 
 
 def test_data_check_cli(hf_model, tmp_path):
@@ -414,7 +414,7 @@ def test_data_check_cli(hf_model, tmp_path):
     from mlx_gemma_tune import data, dataset_files
 
     tok = load_tokenizer(hf_model("gemma3n"))
-    lengths = [len(data.encode_row(tok, r).tokens) for r in dataset_files.read_rows(path)]
+    lengths = [max(len(e.tokens) for e in data.encode_row(tok, r)) for r in dataset_files.read_rows(path)]
     assert rep["lengths"]["max"] == max(lengths) and rep["lengths"]["min"] == min(lengths)
     assert rep["too_long"] == sum(n > 24 for n in lengths) > 0
     human = run_cli(["data", "check", path])
