@@ -23,6 +23,9 @@ def sampling_options(f):
         click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True),
         click.option("--seed", type=int, default=None, help="Seed for reproducible sampling."),
         click.option("--system", default=None, help="System prompt."),
+        click.option("--thinking/--no-thinking", default=False, show_default=True,
+                     help="Gemma 4: thinking on in the chat template; the model may think before it answers, and "
+                          "the thought is shown apart (--json: its own field)."),
         click.option("--adapter", type=click.Path(file_okay=False), default=None,
                      help="LoRA/DoRA adapter directory (a run directory's own adapter is used by default)."),
         click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False),
@@ -34,29 +37,30 @@ def sampling_options(f):
     return f
 
 
-def _open_session(model_or_run, adapter, system, temp, top_k, top_p, min_p, max_tokens, seed, images=(), audio=()):
+def _open_session(model_or_run, adapter, system, thinking, temp, top_k, top_p, min_p, max_tokens, seed, images=(),
+                  audio=()):
     from mlx_gemma_tune.generate import ChatSession, Sampling
 
     sampling = Sampling(temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, max_tokens=max_tokens, seed=seed)
     return ChatSession.open(model_or_run, adapter, images=bool(images), audio=bool(audio), system=system,
-                            sampling=sampling)
+                            sampling=sampling, thinking=thinking)
 
 
 @cli.command()
 @click.argument("model_or_run")
 @sampling_options
-def chat(model_or_run, adapter, system, temp, top_k, top_p, min_p, max_tokens, seed, images, audio):
+def chat(model_or_run, adapter, system, thinking, temp, top_k, top_p, min_p, max_tokens, seed, images, audio):
     """Chat with MODEL_OR_RUN (a model directory, or a run directory: its base + adapter).
 
     Type /help for the commands: /adapter PATH|off|on, /compare, /system, /temp, /topk,
     /topp, /max, /reset, /save FILE, /quit. With --image / --audio, they go with your first message.
     """
     from mlx_gemma_tune import ui
-    from mlx_gemma_tune.generate import run_command
+    from mlx_gemma_tune.generate import run_command, thought_and_answer
 
     with ui.status("Loading the model" + (" and its towers" if images or audio else "")):
-        session = _open_session(model_or_run, adapter, system, temp, top_k, top_p, min_p, max_tokens, seed, images,
-                                audio)
+        session = _open_session(model_or_run, adapter, system, thinking, temp, top_k, top_p, min_p, max_tokens, seed,
+                                images, audio)
     pending, pending_audio = list(images), list(audio)
     ui.chat_note(f"model {session.base_path}" + (f" + adapter {session.adapter}" if session.adapter else "")
                  + " — /help for commands, /quit to leave")
@@ -81,7 +85,7 @@ def chat(model_or_run, adapter, system, temp, top_k, top_p, min_p, max_tokens, s
                 base, tuned = session.compare(line, pending, pending_audio)
                 ui.show_compare(line, base, tuned)
             else:
-                ui.stream_reply(session.reply(line, pending, pending_audio), label="model")
+                ui.stream_reply(thought_and_answer(session.reply(line, pending, pending_audio)), label="model")
             pending, pending_audio = [], []
             ui.chat_footer(session.stats)
         except UserError as exc:  # a bad command or value: say so, keep chatting
@@ -96,23 +100,23 @@ def chat(model_or_run, adapter, system, temp, top_k, top_p, min_p, max_tokens, s
 @click.option("--compare", is_flag=True, help="Answer with the base model and the tuned model, side by side.")
 @click.option("--json", "as_json", is_flag=True, help="Print the answers as JSON.")
 @sampling_options
-def generate(model_or_run, prompt, prompts_file, compare, as_json, adapter, system, temp, top_k, top_p, min_p,
-             max_tokens, seed, images, audio):
+def generate(model_or_run, prompt, prompts_file, compare, as_json, adapter, system, thinking, temp, top_k, top_p,
+             min_p, max_tokens, seed, images, audio):
     """Answer one prompt (or a file of prompts) with MODEL_OR_RUN, optionally base vs tuned."""
     from mlx_gemma_tune import ui
-    from mlx_gemma_tune.generate import generate_answers, read_prompts
+    from mlx_gemma_tune.generate import generate_answers, read_prompts, thought_and_answer
 
     if (prompt is None) == (prompts_file is None):
         raise click.UsageError("give exactly one of --prompt TEXT or --prompts FILE")
     prompts = [prompt] if prompt is not None else read_prompts(prompts_file)
     with ui.status("Loading the model" + (" and its towers" if images or audio else "")):
-        session = _open_session(model_or_run, adapter, system, temp, top_k, top_p, min_p, max_tokens, seed, images,
-                                audio)
+        session = _open_session(model_or_run, adapter, system, thinking, temp, top_k, top_p, min_p, max_tokens, seed,
+                                images, audio)
     images, audio = list(images) or None, list(audio) or None
     if compare and session.adapter is None:
         raise UserError("--compare needs an adapter", hint="pass --adapter DIR or a run directory")
     if not as_json and not compare and len(prompts) == 1:
-        ui.stream_reply(session.reply(prompts[0], images, audio))
+        ui.stream_reply(thought_and_answer(session.reply(prompts[0], images, audio)))
         ui.chat_footer(session.stats)
         return
     answers = generate_answers(session, prompts, compare, images, audio)
@@ -123,7 +127,8 @@ def generate(model_or_run, prompt, prompts_file, compare, as_json, adapter, syst
         if compare:
             ui.show_compare(a.prompt, a.base, a.answer)
         else:
-            ui.out.print(f"prompt: {a.prompt}\nanswer: {a.answer}", soft_wrap=True, markup=False)
+            thought = f"thinking: {a.thinking}\n" if a.thinking else ""
+            ui.out.print(f"prompt: {a.prompt}\n{thought}answer: {a.answer}", soft_wrap=True, markup=False)
 
 
 @cli.command()

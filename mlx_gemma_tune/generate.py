@@ -9,7 +9,7 @@ on (or to another one) without reloading the base, and answering one prompt with
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -65,7 +65,13 @@ class ChatSession:
     """A conversation with a model and (optionally) a LoRA adapter that can be switched off/on/swapped."""
 
     def __init__(self, model, tokenizer, config: dict, *, system: str | None = None,
-                 sampling: Sampling | None = None, base_path: str = "", processor=None):
+                 sampling: Sampling | None = None, base_path: str = "", processor=None, thinking: bool = False):
+        from mlx_gemma_tune.data import can_think, hf_tokenizer
+
+        if thinking and not can_think(hf_tokenizer(tokenizer)):
+            raise UserError("--thinking: this model has no thinking mode", hint="Gemma 4 models think; Gemma 3 and "
+                            "3n do not (drop --thinking)")
+        self.thinking = thinking  # the chat template's enable_thinking: the model may think before answering
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.processor = processor  # image sessions: mlx-vlm's processor (model is mlx-vlm's)
         self.system = system
@@ -149,7 +155,8 @@ class ChatSession:
         from mlx_gemma_tune.data import hf_tokenizer
 
         hf = hf_tokenizer(self.tokenizer)
-        text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                      **({"enable_thinking": True} if self.thinking else {}))
         return list(hf(text, add_special_tokens=False)["input_ids"])
 
     def stream(self, messages: list[dict]) -> Iterator[str]:
@@ -189,7 +196,8 @@ class ChatSession:
         if clips:
             multimodal.open_audio(clips, "--audio", self.processor.feature_extractor.sampling_rate)
         prompt = self.tokenizer.apply_chat_template(multimodal.hf_messages(messages), tokenize=False,
-                                                    add_generation_prompt=True)
+                                                    add_generation_prompt=True,
+                                                    **({"enable_thinking": True} if self.thinking else {}))
         eos = [self.tokenizer.convert_tokens_to_ids(t) for t in END_OF_TURN if t in self.tokenizer.get_vocab()]
         return vlm_stream(self.model, self.processor, prompt, image=[str(p) for p in paths] or None,
                           audio=[str(p) for p in clips] or None,
@@ -315,9 +323,52 @@ def run_command(session: ChatSession, line: str) -> CommandResult:
 @dataclass
 class Answer:
     prompt: str
-    answer: str | None = None  # tuned (or the only) answer
+    answer: str | None = None  # tuned (or the only) answer, without its thought
     base: str | None = None  # with --compare
     stats: dict = field(default_factory=dict)
+    thinking: str | None = None  # with --thinking: the thought before the (tuned) answer
+
+
+def thought_and_answer(pieces: Iterable[str]) -> Iterator[tuple[str, str]]:
+    """("thought" | "answer", text) pieces of a streamed reply, in order.
+
+    A reply that opens with Gemma 4's thinking block, `<|channel>thought\n ... <channel|>`, yields
+    the thought (markers removed) before the answer; any other reply is all answer. Markers split
+    across pieces are held back until they are whole, so no marker text is ever yielded."""
+    from mlx_gemma_tune.data import THOUGHT_CLOSE, THOUGHT_OPEN
+
+    opening = THOUGHT_OPEN.rstrip("\n")  # "<|channel>thought"
+    buf, state = "", "start"
+    for piece in pieces:
+        buf += piece
+        if state == "start":
+            head = buf.lstrip()
+            if head.startswith(opening):
+                state, buf = "lead", head[len(opening):]
+            elif opening.startswith(head):
+                continue  # may still become the opening marker
+            else:
+                state = "answer"
+        if state == "lead":  # the newline after the opening marker is part of it
+            if not buf.strip("\n"):
+                continue
+            state, buf = "thought", buf.lstrip("\n")
+        if state == "thought":
+            if THOUGHT_CLOSE not in buf:
+                safe = len(buf) - len(THOUGHT_CLOSE) + 1  # a partial closing marker stays in buf
+                if safe > 0:
+                    yield "thought", buf[:safe]
+                    buf = buf[safe:]
+                continue
+            thought, buf = buf.split(THOUGHT_CLOSE, 1)
+            if thought:
+                yield "thought", thought
+            state, buf = "answer", buf.lstrip()
+        if state == "answer" and buf:
+            yield "answer", buf
+            buf = ""
+    if buf.strip("\n") if state == "lead" else buf:  # the reply ended inside a marker or an unclosed thought
+        yield ("answer" if state in ("start", "answer") else "thought"), buf
 
 
 def read_prompts(path) -> list[str]:
@@ -358,6 +409,9 @@ def generate_answers(session: ChatSession, prompts: list[str], compare: bool = F
             base, tuned = session.compare(prompt, images, audio)
             out.append(Answer(prompt, tuned, base, asdict(session.stats)))
         else:
-            text = "".join(session.reply(prompt, images, audio)).strip()
-            out.append(Answer(prompt, text, None, asdict(session.stats)))
+            parts = {"thought": "", "answer": ""}
+            for kind, piece in thought_and_answer(session.reply(prompt, images, audio)):
+                parts[kind] += piece
+            out.append(Answer(prompt, parts["answer"].strip(), None, asdict(session.stats),
+                              parts["thought"].strip() if session.thinking else None))
     return out

@@ -251,26 +251,40 @@ def show_data_report(r) -> None:
 # ---- chat / generate ---------------------------------------------------------------------------
 
 
-def stream_reply(chunks, label: str = "") -> str:
-    """Show a reply as it streams: live Markdown on a terminal, plain text otherwise."""
+def stream_reply(parts, label: str = "") -> str:
+    """Show a reply as it streams, from ("thought" | "answer", text) pieces (generate.thought_and_answer):
+    on a terminal the thought dim and the answer as live Markdown; otherwise plain lines, the thought
+    on its own `thinking:` line. Returns the answer's text."""
     import click
 
-    text = ""
+    thought, text = "", ""
     if out.is_terminal:
+        from rich.console import Group
         from rich.live import Live
         from rich.markdown import Markdown
+        from rich.text import Text
 
         with Live(Markdown(""), console=out, refresh_per_second=12, vertical_overflow="visible") as live:
-            for piece in chunks:
-                text += piece
-                live.update(Markdown(text))
-    else:
-        if label:
-            click.echo(f"{label}: ", nl=False)
-        for piece in chunks:
+            for kind, piece in parts:
+                if kind == "thought":
+                    thought += piece
+                else:
+                    text += piece
+                live.update(Group(Text(thought, style="dim italic"), Markdown(text)) if thought else Markdown(text))
+        return text
+    kind_now = None
+    for kind, piece in parts:
+        if kind != kind_now:
+            if kind_now is not None:
+                click.echo()
+            click.echo("thinking: " if kind == "thought" else (f"{label}: " if label else ""), nl=False)
+            kind_now = kind
+        if kind == "answer":
             text += piece
-            click.echo(piece, nl=False)
-        click.echo()
+        click.echo(piece, nl=False)
+    if kind_now is None and label:
+        click.echo(f"{label}: ", nl=False)
+    click.echo()
     return text
 
 

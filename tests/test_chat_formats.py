@@ -40,8 +40,8 @@ def _prompt_tokens(tok, messages) -> list[int]:
     """What `chat` / `generate` send for `messages` (ChatSession's own rendering)."""
     from mlx_gemma_tune.generate import ChatSession
 
-    session = ChatSession.__new__(ChatSession)
-    session.tokenizer = tok
+    session = ChatSession.__new__(ChatSession)  # the rendering alone, without loading a model
+    session.tokenizer, session.thinking = tok, False
     return session._prompt_tokens(messages)
 
 
@@ -280,3 +280,34 @@ def test_reasoning_on_a_model_without_thinking_is_one_clear_line(hf_model, tmp_p
     assert check.exit_code == 0 and json.loads(check.stdout)["reasoning"] == 1
     human = run_cli(["data", "check", path, "--model", hf_model("gemma4_edge")])
     assert human.exit_code == 0 and "1 row(s): the thought is trained" in human.stdout
+
+
+@pytest.fixture(scope="module")
+def thinking_run(hf_model, tmp_path_factory):
+    """A gemma4_edge adapter trained to think "Because." before answering "Paris." (thinking on)."""
+    from mlx_gemma_tune import session, trainer
+
+    root = tmp_path_factory.mktemp("thinking")
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "Paris.",
+                                                           "reasoning_content": "Because."}]}
+            for q in ("Capital of France?", "Two plus two?", "Colour of the sky?", "Largest ocean?")]
+    data_file = _write(root / "t.jsonl", rows)
+    trainer.run(session.prepare_run(model=str(hf_model("gemma4_edge")), data=str(data_file), out=str(root / "run"),
+                                    sets=("train.lr=3e-3", "lora.rank=8", "lora.dropout=0.0", "train.iters=80",
+                                          "train.batch_size=4", "data.valid_fraction=0", "train.schedule=constant")))
+    return root / "run"
+
+
+def test_generate_and_chat_show_the_thought_apart(thinking_run, hf_model):
+    greedy = ["--temp", "0", "--max-tokens", "24", "--thinking"]
+    res = run_cli(["generate", thinking_run, "--prompt", "Baby cat?", "--json", *greedy])
+    assert res.exit_code == 0, res.output
+    [answer] = json.loads(res.stdout)
+    assert answer["thinking"] == "Because." and answer["answer"] == "Paris."
+    plain = run_cli(["generate", thinking_run, "--prompt", "Baby cat?", *greedy])
+    assert plain.exit_code == 0 and plain.stdout.splitlines() == ["thinking: Because.", "Paris."]
+    chat = run_cli(["chat", thinking_run, *greedy], input="Frozen water?\n/quit\n")
+    assert chat.exit_code == 0 and "thinking: Because.\nmodel: Paris." in chat.stdout
+    assert "<|channel>" not in chat.stdout + plain.stdout
+    no_mode = run_cli(["generate", hf_model("gemma3_text"), "--prompt", "Hi", "--thinking"])
+    assert_one_line_error(no_mode, "--thinking", "no thinking mode")
