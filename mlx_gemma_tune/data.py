@@ -32,7 +32,6 @@ from mlx_gemma_tune.errors import InputError
 from mlx_gemma_tune.families import END_OF_TURN
 
 THOUGHT_OPEN, THOUGHT_CLOSE = "<|channel>thought\n", "<channel|>"  # Gemma 4's thinking block
-REASONING_POLICIES = ("train", "drop", "error")
 REFUSED_HINT = ("make the row a conversation the model's template accepts (e.g. merge consecutive user turns, "
                 "start with a user turn)")
 

@@ -276,6 +276,11 @@ def test_reasoning_on_a_model_without_thinking_is_one_clear_line(hf_model, tmp_p
     assert not (tmp_path / "a").exists()
     res = run_cli([*base, "-o", tmp_path / "b", "--set", "data.reasoning=drop"])
     assert res.exit_code == 0, res.output
+    # eval has no recipe: on a model that cannot think it scores the answers alone
+    ev = run_cli(["eval", hf_model("gemma3_text"), "--data", path, "--json"])
+    assert ev.exit_code == 0, ev.output
+    assert json.loads(ev.stdout)["tokens"] == _count(hf_model, "gemma3_text", f"{ANSWER}<end_of_turn>\n") + \
+        _count(hf_model, "gemma3_text", "Hello.<end_of_turn>\n")
     check = run_cli(["data", "check", path, "--json"])
     assert check.exit_code == 0 and json.loads(check.stdout)["reasoning"] == 1
     human = run_cli(["data", "check", path, "--model", hf_model("gemma4_edge")])
