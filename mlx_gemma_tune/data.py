@@ -25,7 +25,6 @@ train (the default) / drop (answers only) / error; models without a thinking for
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from mlx_gemma_tune.errors import InputError
@@ -70,6 +69,9 @@ def render(hf_tokenizer, messages: list[dict], generation_prompt: bool, where: s
                          hint=REFUSED_HINT) from None
 
 
+_STAND_IN = "MgtStandInAnswer7431"  # an answer no template rewrites, to find where answers start
+
+
 @dataclass
 class Turn:
     """One assistant turn as inference sees it: `prompt` is the template's generation prompt for the
@@ -81,6 +83,9 @@ class Turn:
 
 def assistant_turns(hf, messages: list[dict], where: str = "", **template_args) -> list[Turn]:
     """Every assistant turn of a conversation, split into generation prompt and continuation."""
+    if messages and messages[0]["role"] == "assistant":
+        raise InputError("starts with an assistant turn; the model can only answer a user", where=where,
+                         hint="start the conversation with a user turn (after an optional system prompt)")
     full = render(hf, messages, False, where, **template_args)
     turns = []
     for i, m in enumerate(messages):
@@ -89,11 +94,16 @@ def assistant_turns(hf, messages: list[dict], where: str = "", **template_args) 
         history = render(hf, messages[:i], False, where, **template_args)
         prompt = render(hf, messages[:i], True, where, **template_args)
         upto = render(hf, messages[: i + 1], False, where, **template_args)
-        if not (prompt.startswith(history) and upto.startswith(history) and full.startswith(upto)):
+        # the turn's header (e.g. '<|turn>model\n'): where a stand-in answer starts in the same rendering
+        stand_in = render(hf, [*messages[:i], {"role": "assistant", "content": _STAND_IN}], False, where,
+                          **template_args)
+        at = stand_in.find(_STAND_IN, len(history))
+        header = stand_in[len(history):at]
+        if not (at >= 0 and prompt.startswith(history) and upto.startswith(history + header)
+                and full.startswith(upto)):
             raise InputError(f"the chat template renders turn {i} differently in context, so its loss mask "
                              "cannot be found", where=where)
-        opening, rendered = prompt[len(history):], upto[len(history):]
-        answer = rendered[len(os.path.commonprefix([opening, rendered])):]
+        answer = upto[len(history) + len(header):]
         turns.append(Turn(prompt, answer, prompt + answer == upto))
     return turns
 
@@ -103,6 +113,8 @@ def split_reasoning(message: dict) -> tuple[str | None, str]:
     `thinking` under that name), or a `<|channel>thought ... <channel|>` block opening its content;
     (None, content) when it has neither."""
     content = message.get("content") or ""
+    if isinstance(content, list):  # content parts (multimodal.hf_messages): an assistant turn is text only
+        content = "".join(p.get("text", "") for p in content if p.get("type") == "text")
     if message.get("reasoning_content"):
         return message["reasoning_content"], content
     head = content.lstrip()
@@ -121,6 +133,13 @@ def can_think(hf) -> bool:
     """The tokenizer has Gemma 4's thinking markers (Gemma 3 / 3n have none)."""
     vocab = hf.get_vocab()
     return all(t in vocab for t in ("<|channel>", "<channel|>", "<|think|>"))
+
+
+def default_reasoning(tokenizer) -> str:
+    """data.reasoning for commands without a recipe (eval, data check): rows with reasoning count as
+    training would count them on a model that thinks (Gemma 4), and by their answers alone on one
+    that does not."""
+    return "train" if can_think(hf_tokenizer(tokenizer)) else "drop"
 
 
 def _answers_only(messages: list[dict]) -> list[dict]:
@@ -211,9 +230,9 @@ def with_targets(examples: list[Example], path, max_seq_length: int | None) -> t
     kept = [e for e in examples if sum(e.mask[1:])]
     dropped = [e.source for e in examples if not sum(e.mask[1:])]
     if not kept:
-        raise InputError(f"no row has an answer token left after truncation to {max_seq_length} tokens "
-                         f"(e.g. {dropped[0] if dropped else 'none'})", where=str(path),
-                         hint="raise --max-seq-length, or check that the rows have answers")
+        cut = f" after truncation to {max_seq_length} tokens" if max_seq_length else ""
+        raise InputError(f"no row has an answer token left{cut} (e.g. {dropped[0] if dropped else 'none'})",
+                         where=str(path), hint="raise --max-seq-length, or check that the rows have answers")
     return kept, dropped
 
 

@@ -8,7 +8,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mlx_gemma_tune.data import encode_row, encode_text, has_reasoning
+from mlx_gemma_tune.data import default_reasoning, encode_row, encode_text, has_reasoning
 from mlx_gemma_tune.dataset_files import Row, read_splits
 from mlx_gemma_tune.errors import InputError
 
@@ -43,18 +43,20 @@ def check_dataset(path: str | Path, tokenizer=None, max_seq_length: int = 2048) 
     lengths: list[int] = []
     too_long, duplicates, empty, refused, adjusted, reasoning = [], [], [], [], [], []
     first_seen: dict[str, str] = {}
+    policy = default_reasoning(tokenizer) if tokenizer is not None else "drop"
     for rows in splits.values():
         for row in rows:
             formats[row.fmt] += 1
             if row.messages is not None and has_reasoning(row.messages):
                 reasoning.append(row.where)
             try:
-                n = _length(row, tokenizer)
+                n = _length(row, tokenizer, policy)
             except InputError as exc:  # the template refuses the row: list it, go on with the others
                 refused.append(f"{row.where}: {exc.message}")
-                n = _length(row, None)
-            lengths.append(n)
-            if tokenizer is not None and n > max_seq_length:
+                n = None  # not in the length statistics: training cannot encode it
+            if n is not None:
+                lengths.append(n)
+            if tokenizer is not None and n is not None and n > max_seq_length:
                 too_long.append(row.where)
             if tokenizer is not None and row.text is not None:
                 what = encode_text(tokenizer, row.text, row.where)[1]
@@ -70,7 +72,7 @@ def check_dataset(path: str | Path, tokenizer=None, max_seq_length: int = 2048) 
                 m["content"] for m in row.messages if all(p["type"] == "text" for p in m.get("parts", []))]
             if any(not c.strip() for c in contents):
                 empty.append(row.where)
-    ordered = sorted(lengths)
+    ordered = sorted(lengths) or [0]  # every row refused: no lengths to show
     stats = {"min": ordered[0], "mean": round(sum(ordered) / len(ordered), 1),
              "p50": _percentile(ordered, 0.50), "p95": _percentile(ordered, 0.95), "max": ordered[-1]}
     return DataReport(
@@ -82,12 +84,12 @@ def check_dataset(path: str | Path, tokenizer=None, max_seq_length: int = 2048) 
         special_tokens_adjusted_at=adjusted[:3], reasoning=len(reasoning))
 
 
-def _length(row: Row, tokenizer) -> int:
+def _length(row: Row, tokenizer, reasoning: str = "drop") -> int:
     """Characters without a tokenizer; else the tokens training sees (chat template, bos/eos) in the
     row's longest sequence (a conversation on a Gemma 4 26B/31B template is one sequence per turn)."""
     if tokenizer is None:
         return len(row.text) if row.text is not None else sum(len(m["content"]) for m in row.messages)
-    return max(len(ex.tokens) for ex in encode_row(tokenizer, row))
+    return max(len(ex.tokens) for ex in encode_row(tokenizer, row, reasoning=reasoning))
 
 
 def _percentile(ordered: list[int], q: float) -> int:

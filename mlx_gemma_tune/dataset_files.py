@@ -322,24 +322,23 @@ def _chat(msgs: object, key: str, where: str) -> list[dict]:
         if canonical is None:
             raise InputError(f"message {i} has unknown role '{role}'", where=where,
                              hint="use system, user or assistant (model, human and gpt are accepted too)")
+        thought = _pick(m, "reasoning_content", "thinking", "reasoning") if canonical == "assistant" else None
+        if thought is not None and not isinstance(thought, str):  # the fields chat exporters use
+            raise InputError(f"message {i} reasoning must be a string, not {_kind(thought)}", where=where)
+        extra = {"reasoning_content": thought} if thought is not None else {}
         if isinstance(content, list):  # multimodal parts: text and images (paths relative to the file)
             parts = _parts(content, i, where)
             if canonical == "assistant" and any(p["type"] != "text" for p in parts):
                 raise InputError(f"message {i} is an assistant turn with an image or audio; only text can be "
                                  "learned", where=where)
-            out.append({"role": canonical, "content": "".join(p.get("text", "") for p in parts), "parts": parts})
+            out.append({"role": canonical, "content": "".join(p.get("text", "") for p in parts), "parts": parts}
+                       | extra)
             continue
         if not isinstance(content, str):
             raise InputError(f"message {i} content must be a string or a list of parts, not {_kind(content)}",
                              where=where, hint='parts: {"type": "text", "text": ...} or {"type": "image", '
                                                '"image": "path/to.png"}')
-        thought = _pick(m, "reasoning_content", "thinking", "reasoning")  # the fields chat exporters use
-        if thought is not None and canonical == "assistant":
-            if not isinstance(thought, str):
-                raise InputError(f"message {i} reasoning must be a string, not {_kind(thought)}", where=where)
-            out.append({"role": canonical, "content": content, "reasoning_content": thought})
-            continue
-        out.append({"role": canonical, "content": content})
+        out.append({"role": canonical, "content": content} | extra)
     if not any(m["role"] == "assistant" for m in out):
         raise InputError("has no assistant message to learn from", where=where)
     return out

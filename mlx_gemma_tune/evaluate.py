@@ -46,12 +46,6 @@ def dataset_loss(model, examples: list[data.Example], batch_size: int = 4,
     return (total / count if count else float("nan")), count
 
 
-def _reasoning_policy(tokenizer) -> str:
-    """eval has no recipe: rows with reasoning are scored as training would train them on a model that
-    thinks (Gemma 4), and on their answers alone on one that does not."""
-    return "train" if data.can_think(data.hf_tokenizer(tokenizer)) else "drop"
-
-
 def evaluate_loss(model_path: Path, data_path: Path, *, adapter: Path | None = None, batch_size: int = 4,
                   max_seq_length: int | None = 2048,
                   progress: Callable[[int, int], None] | None = None) -> LossResult:
@@ -62,7 +56,7 @@ def evaluate_loss(model_path: Path, data_path: Path, *, adapter: Path | None = N
     if adapter is not None or run_adapter is not None:
         lora.load(model, config, adapter or run_adapter)
     examples, truncated = data.load_examples(tokenizer, data_path, max_seq_length,
-                                             reasoning=_reasoning_policy(tokenizer))
+                                             reasoning=data.default_reasoning(tokenizer))
     examples, dropped = data.with_targets(examples, data_path, max_seq_length)
     loss, tokens = dataset_loss(model, examples, batch_size, progress)
     rows = len({e.source for e in examples})  # a conversation can be one sequence per turn (data.py)
@@ -148,7 +142,7 @@ def evaluate(model_or_run: str, data_path: str, *, metrics: tuple[str, ...] = ("
     report = EvalReport(data=str(data_path), rows=0, metrics=list(metrics), scores={})
     answers: dict[str, list[str]] = {}
     examples = data.load_examples(session.tokenizer, data_path, max_seq_length,
-                                  reasoning=_reasoning_policy(session.tokenizer))[0] if "loss" in metrics else []
+                                  reasoning=data.default_reasoning(session.tokenizer))[0] if "loss" in metrics else []
     if examples:
         examples = data.with_targets(examples, data_path, max_seq_length)[0]
     for label in labels:

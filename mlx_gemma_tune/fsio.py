@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -54,14 +55,18 @@ def plain_mode(path: Path, directory: bool = False) -> None:
 
 
 def atomic_write_with(path: Path, write) -> None:
-    """write(temp_path) creates the file's content; it then replaces `path` whole, durably, with
-    the mode a plain open() would give it under the user's umask."""
+    """write(temp_path) creates the file's content; it then replaces `path` whole, durably. A new
+    file gets the mode a plain open() would give it under the user's umask; a file it replaces
+    keeps its own (a transcript the user made private stays private)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
-        plain_mode(Path(tmp))
+        try:
+            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
+        except FileNotFoundError:
+            plain_mode(Path(tmp))
         fsync_path(tmp)
         os.replace(tmp, path)
         fsync_path(path.parent)

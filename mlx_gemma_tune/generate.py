@@ -363,12 +363,17 @@ def thought_and_answer(pieces: Iterable[str]) -> Iterator[tuple[str, str]]:
             thought, buf = buf.split(THOUGHT_CLOSE, 1)
             if thought:
                 yield "thought", thought
-            state, buf = "answer", buf.lstrip()
+            state = "after"
+        if state == "after":  # the answer starts at its first non-blank character, whatever the pieces
+            buf = buf.lstrip()
+            if not buf:
+                continue
+            state = "answer"
         if state == "answer" and buf:
             yield "answer", buf
             buf = ""
     if buf.strip("\n") if state == "lead" else buf:  # the reply ended inside a marker or an unclosed thought
-        yield ("answer" if state in ("start", "answer") else "thought"), buf
+        yield ("answer" if state in ("start", "answer", "after") else "thought"), buf
 
 
 def read_prompts(path) -> list[str]:
@@ -407,11 +412,17 @@ def generate_answers(session: ChatSession, prompts: list[str], compare: bool = F
         session.reset()
         if compare:
             base, tuned = session.compare(prompt, images, audio)
-            out.append(Answer(prompt, tuned, base, asdict(session.stats)))
+            (_, base), (thought, tuned) = split_reply(base), split_reply(tuned)
+            out.append(Answer(prompt, tuned, base, asdict(session.stats), thought if session.thinking else None))
         else:
-            parts = {"thought": "", "answer": ""}
-            for kind, piece in thought_and_answer(session.reply(prompt, images, audio)):
-                parts[kind] += piece
-            out.append(Answer(prompt, parts["answer"].strip(), None, asdict(session.stats),
-                              parts["thought"].strip() if session.thinking else None))
+            thought, answer = split_reply("".join(session.reply(prompt, images, audio)))
+            out.append(Answer(prompt, answer, None, asdict(session.stats), thought if session.thinking else None))
     return out
+
+
+def split_reply(reply: str) -> tuple[str, str]:
+    """(thought, answer) of a whole reply, each stripped (thought_and_answer)."""
+    parts = {"thought": "", "answer": ""}
+    for kind, piece in thought_and_answer([reply]):
+        parts[kind] += piece
+    return parts["thought"].strip(), parts["answer"].strip()

@@ -135,7 +135,8 @@ def hf_messages(messages: list[dict]) -> list[dict]:
         if "parts" in m:
             parts = [{"type": "text", "text": p["text"]} if p["type"] == "text" else {"type": p["type"]}
                      for p in m["parts"]]
-            out.append({"role": m["role"], "content": parts})
+            out.append({"role": m["role"], "content": parts}
+                       | ({"reasoning_content": m["reasoning_content"]} if "reasoning_content" in m else {}))
         else:
             out.append({k: v for k, v in m.items() if k in ("role", "content", "reasoning_content")})
     return out

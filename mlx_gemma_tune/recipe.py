@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -258,7 +259,8 @@ def _check(f: dataclasses.Field, value):
     base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
     if value is None:
         return (True, None, "") if optional else (False, None, "must not be null")
-    if typing.get_origin(hint) is typing.Union and str in base and list in base:  # targets
+    # `str | list` (targets); typing.Union for the typing.Union[...] spelling
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and str in base and list in base:
         if isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
             return True, value, ""
         return False, None, f"expected a name or a list of names, got {value!r}"

@@ -76,7 +76,8 @@ def prepare_run(recipe_ref: str | None = None, *, model: str | None = None, data
         resume_from = Path(shared["resume_from"]) if shared["resume_from"] else None
     else:
         recipe, name = resolve_recipe(recipe_ref, model=model, data=data, sets=sets)
-        run_dir = Path(out).expanduser() if out else Path("runs") / f"{name}-{datetime.now().astimezone():%Y%m%d-%H%M%S}"
+        stamp = f"{datetime.now().astimezone():%Y%m%d-%H%M%S}"  # local time
+        run_dir = Path(out).expanduser() if out else Path("runs") / f"{name}-{stamp}"
         run_dir = Path(distributed.broadcast_json(str(run_dir) if world.main else None, world))
         exists = run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir()))
         if world.main and exists and not force:  # only rank 0 has (and writes) the run directory

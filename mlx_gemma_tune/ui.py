@@ -241,7 +241,7 @@ def show_data_report(r) -> None:
                   f"(e.g. {'; '.join(r.special_tokens_adjusted_at)})")
     if r.reasoning:
         t.add_row("With reasoning", f"{r.reasoning} row(s): the thought is trained with thinking on (Gemma 4; "
-                  "data.reasoning: drop trains the answers only)")
+                  "data.reasoning: drop trains the answers only; Gemma 3 / 3n need drop)")
     t.add_row("Refused by the template", str(len(r.refused)))
     out.print(t)
     for line in r.refused:

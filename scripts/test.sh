@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh --test
 .venv/bin/ruff check .
 source scripts/openblas.sh
-# Two workers share the two cores: one OpenBLAS thread each (more would fight over the cores).
+# Two pytest-xdist workers, each given whole test files (a file's module fixtures are built once),
+# share the two cores: one OpenBLAS thread each (more would fight over the cores). See DEVELOPERS.md.
 export OPENBLAS_NUM_THREADS="${OPENBLAS_NUM_THREADS:-1}"
-exec .venv/bin/python -m pytest "$@"
+exec .venv/bin/python -m pytest -n 2 --dist loadfile "$@"

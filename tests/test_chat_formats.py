@@ -316,3 +316,64 @@ def test_generate_and_chat_show_the_thought_apart(thinking_run, hf_model):
     assert "<|channel>" not in chat.stdout + plain.stdout
     no_mode = run_cli(["generate", hf_model("gemma3_text"), "--prompt", "Hi", "--thinking"])
     assert_one_line_error(no_mode, "--thinking", "no thinking mode")
+
+
+# ---- edge cases ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("answer", ["<b>Rex</b>", ""])
+def test_answers_that_start_like_a_marker_or_are_empty_keep_every_character(family, answer, hf_model):
+    """The answer starts where the template puts the message, not where its text stops matching the
+    generation prompt (26B/31B's prompt continues '<|channel>...', which '<b>' also starts like)."""
+    from mlx_gemma_tune import data
+
+    tok = _tokenizer(hf_model, family)
+    hf = data.hf_tokenizer(tok)
+    msgs = [{"role": "user", "content": "Name a dog."}, {"role": "assistant", "content": answer}]
+    [ex] = data.encode_conversation(tok, msgs, "e.jsonl:1")
+    [(start, end)] = _runs(ex)
+    assert hf.decode(ex.tokens[start:end]) == f"{answer}{END_OF_TURN[TEMPLATE[family]]}\n"
+    assert ex.tokens[:start] == _prompt_tokens(tok, msgs[:1])
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "gemma4_edge"])
+def test_a_conversation_that_starts_with_the_assistant_is_one_clear_line(family, hf_model, tmp_path):
+    path = _write(tmp_path / "a.jsonl", [{"messages": [{"role": "assistant", "content": "Hi."},
+                                                       {"role": "user", "content": "Hello."}]}, GOOD])
+    res = run_cli(["train", "--model", hf_model(family), "--data", path, "-o", tmp_path / "run"])
+    assert_one_line_error(res, f"{path}:1", "starts with an assistant turn")
+    check = run_cli(["data", "check", path, "--model", hf_model(family), "--json"])
+    assert check.exit_code == 1 and json.loads(check.stdout)["refused"][0].startswith(f"{path}:1: starts with")
+
+
+def test_reasoning_in_content_parts_and_data_check_on_a_model_without_thinking(hf_model, tmp_path):
+    from mlx_gemma_tune import data
+
+    parts = {"role": "assistant", "content": [{"type": "text", "text": f"<|channel>thought\n{THOUGHT}<channel|>"},
+                                              {"type": "text", "text": ANSWER}]}
+    assert data.split_reasoning(parts) == (THOUGHT, ANSWER)
+    # data check measures rows as eval counts them: answers only on a model that cannot think
+    path = _write(tmp_path / "r.jsonl", [THINKING_ROW])
+    res = run_cli(["data", "check", path, "--model", hf_model("gemma3_text"), "--json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    assert rep["refused"] == [] and rep["reasoning"] == 1
+
+
+def test_a_streamed_thought_splits_the_same_wherever_the_pieces_break():
+    from mlx_gemma_tune.generate import thought_and_answer
+
+    def joined(pieces):
+        out = {"thought": "", "answer": ""}
+        for kind, text in thought_and_answer(pieces):
+            out[kind] += text
+        return out
+
+    reply = f"<|channel>thought\n{THOUGHT}<channel|>\n\n{ANSWER}"
+    want = {"thought": THOUGHT, "answer": ANSWER}
+    assert joined([reply]) == want and joined(list(reply)) == want
+    for i in range(len(reply) + 1):
+        for j in range(i, len(reply) + 1, 3):
+            assert joined([reply[:i], reply[i:j], reply[j:]]) == want, (i, j)
+    assert joined(["A plain ", "answer."]) == {"thought": "", "answer": "A plain answer."}

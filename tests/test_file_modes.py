@@ -74,3 +74,13 @@ def test_every_output_is_readable_by_other_accounts_under_umask_022(umask, hf_mo
     for out in ("mlx", "run", "fused", "hf", "peft", "gguf"):
         assert _modes(tmp_path / out) == {}, out
     assert (tmp_path / "gguf" / "Modelfile").is_file() and (tmp_path / "run" / "checkpoints").is_dir()
+
+
+def test_a_replaced_file_keeps_its_own_mode(umask, tmp_path):
+    from mlx_gemma_tune import fsio
+
+    private = tmp_path / "chat.jsonl"
+    private.write_text("old\n")
+    private.chmod(0o600)
+    fsio.atomic_write_text(private, "new\n")
+    assert private.read_text() == "new\n" and stat.S_IMODE(private.stat().st_mode) == 0o600

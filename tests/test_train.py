@@ -340,6 +340,7 @@ def test_recipes_list_show_copy(tmp_path):
 
 
 def test_precedence_defaults_recipe_flags(tmp_path):
+    from mlx_gemma_tune import errors
     from mlx_gemma_tune.session import resolve_recipe
 
     path = tmp_path / "r.yaml"
@@ -348,6 +349,11 @@ def test_precedence_defaults_recipe_flags(tmp_path):
     assert name == "r" and r.model.path == "a" and r.data.path == "c"
     assert r.lora.rank == 32 and r.train.lr == 1e-4 and r.lora.alpha == 32.0 and r.train.schedule == "cosine"
     assert r.train.epochs == 3 and r.train.batch_size == 4 and r.lora.dropout == 0.05 and r.train.warmup_ratio == 0.1
+    # a key typed `str | list` takes a list (lora.targets), and still refuses a number
+    r, _ = resolve_recipe(str(path), sets=("lora.targets=[q_proj, v_proj]",))
+    assert r.lora.targets == ["q_proj", "v_proj"]
+    with pytest.raises(errors.UserError, match="lora.targets: expected a name or a list of names"):
+        resolve_recipe(str(path), sets=("lora.targets=3",))
 
 
 # ---- masks, data check, QLoRA on the fly ------------------------------------------------------
