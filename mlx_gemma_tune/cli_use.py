@@ -56,7 +56,8 @@ def chat(model_or_run, adapter, system, thinking, temp, top_k, top_p, min_p, max
     /topp, /max, /reset, /save FILE, /quit. With --image / --audio, they go with your first message.
     """
     from mlx_gemma_tune import ui
-    from mlx_gemma_tune.generate import run_command, split_reply, thought_and_answer
+    from mlx_gemma_tune.generate import run_command
+    from mlx_gemma_tune.thinking import split, thought_and_answer
 
     with ui.status("Loading the model" + (" and its towers" if images or audio else "")):
         session = _open_session(model_or_run, adapter, system, thinking, temp, top_k, top_p, min_p, max_tokens, seed,
@@ -83,7 +84,7 @@ def chat(model_or_run, adapter, system, thinking, temp, top_k, top_p, min_p, max
             if compare_next:
                 compare_next = False
                 base, tuned = session.compare(line, pending, pending_audio)
-                ui.show_compare(line, split_reply(base)[1], split_reply(tuned)[1])  # the answers, not thoughts
+                ui.show_compare(line, split(base)[1].strip(), split(tuned)[1].strip())  # answers, not thoughts
             else:
                 ui.stream_reply(thought_and_answer(session.reply(line, pending, pending_audio)), label="model")
             pending, pending_audio = [], []
@@ -104,7 +105,8 @@ def generate(model_or_run, prompt, prompts_file, compare, as_json, adapter, syst
              min_p, max_tokens, seed, images, audio):
     """Answer one prompt (or a file of prompts) with MODEL_OR_RUN, optionally base vs tuned."""
     from mlx_gemma_tune import ui
-    from mlx_gemma_tune.generate import generate_answers, read_prompts, thought_and_answer
+    from mlx_gemma_tune.generate import generate_answers, read_prompts
+    from mlx_gemma_tune.thinking import thought_and_answer
 
     if (prompt is None) == (prompts_file is None):
         raise click.UsageError("give exactly one of --prompt TEXT or --prompts FILE")

@@ -27,10 +27,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mlx_gemma_tune import thinking
 from mlx_gemma_tune.errors import InputError
 from mlx_gemma_tune.families import END_OF_TURN
 
-THOUGHT_OPEN, THOUGHT_CLOSE = "<|channel>thought\n", "<channel|>"  # Gemma 4's thinking block
 REFUSED_HINT = ("make the row a conversation the model's template accepts (e.g. merge consecutive user turns, "
                 "start with a user turn)")
 
@@ -81,8 +81,9 @@ class Turn:
     in_context: bool  # prompt + answer is also how the template renders the turn after its history
 
 
-def assistant_turns(hf, messages: list[dict], where: str = "", **template_args) -> list[Turn]:
-    """Every assistant turn of a conversation, split into generation prompt and continuation."""
+def assistant_turns(hf, messages: list[dict], where: str = "", **template_args) -> tuple[str, list[Turn]]:
+    """(the whole conversation's text, every assistant turn split into generation prompt and
+    continuation)."""
     if messages and messages[0]["role"] == "assistant":
         raise InputError("starts with an assistant turn; the model can only answer a user", where=where,
                          hint="start the conversation with a user turn (after an optional system prompt)")
@@ -105,7 +106,7 @@ def assistant_turns(hf, messages: list[dict], where: str = "", **template_args) 
                              "cannot be found", where=where)
         answer = upto[len(history) + len(header):]
         turns.append(Turn(prompt, answer, prompt + answer == upto))
-    return turns
+    return full, turns
 
 
 def split_reasoning(message: dict) -> tuple[str | None, str]:
@@ -117,11 +118,7 @@ def split_reasoning(message: dict) -> tuple[str | None, str]:
         content = "".join(p.get("text", "") for p in content if p.get("type") == "text")
     if message.get("reasoning_content"):
         return message["reasoning_content"], content
-    head = content.lstrip()
-    if head.startswith("<|channel>") and THOUGHT_CLOSE in head:
-        block, answer = head.split(THOUGHT_CLOSE, 1)
-        return block.removeprefix("<|channel>").removeprefix("thought").lstrip("\n"), answer.lstrip()
-    return None, content
+    return thinking.split(content)
 
 
 def has_reasoning(messages: list[dict]) -> bool:
@@ -170,12 +167,12 @@ def encode_conversation(tokenizer, messages: list[dict], where: str = "", reason
                              where=where, hint="set data.reasoning: drop to train the answers only")
         messages = _answers_only(messages)
     if reasoning == "train" and any(t is not None for t in thoughts):
-        turns = assistant_turns(hf, messages, where, enable_thinking=True)
-        return [_sequence(hf, t.prompt, (f"{THOUGHT_OPEN}{thought}{THOUGHT_CLOSE}" if thought else "") + t.answer,
-                          where) for t, thought in zip(turns, thoughts)]
-    turns = assistant_turns(hf, messages, where)
+        _, turns = assistant_turns(hf, messages, where, enable_thinking=True)
+        return [_sequence(hf, t.prompt, (thinking.block(thought) if thought else "") + t.answer, where)
+                for t, thought in zip(turns, thoughts)]
+    full, turns = assistant_turns(hf, messages, where)
     if all(t.in_context for t in turns):
-        return [encode_chat(tokenizer, messages, where, turns)]
+        return [_whole(hf, full, turns, where)]
     return [_sequence(hf, t.prompt, t.answer, where) for t in turns]
 
 
@@ -186,19 +183,24 @@ def _sequence(hf, prompt: str, answer: str, where: str) -> Example:
     return Example(tokens=p + a, mask=[False] * len(p) + [True] * len(a), source=where, text=prompt + answer)
 
 
-def encode_chat(tokenizer, messages: list[dict], where: str = "", turns: list[Turn] | None = None) -> Example:
+def encode_chat(tokenizer, messages: list[dict], where: str = "") -> Example:
     """The whole rendered conversation as one sequence, every assistant turn's tokens a target.
 
     Only for templates that render each turn as its generation prompt + answer (Gemma 3, 3n,
     4 E2B/E4B); others raise InputError (encode_conversation splits them per turn instead)."""
     hf = hf_tokenizer(tokenizer)
-    turns = assistant_turns(hf, messages, where) if turns is None else turns
+    full, turns = assistant_turns(hf, messages, where)
     if not all(t.in_context for t in turns):
         raise InputError("this model's chat template renders a past answer unlike its generation prompt (e.g. "
                          "Gemma 4 26B/31B's empty thought block), so the conversation cannot be one training "
                          "sequence", where=where, hint="train it as text rows, or on a Gemma 4 E2B/E4B model")
-    full = render(hf, messages, False, where)
-    spans = [(len(t.prompt), len(t.prompt) + len(t.answer)) for t in turns]  # the full text starts with each
+    return _whole(hf, full, turns, where)
+
+
+def _whole(hf, full: str, turns: list[Turn], where: str) -> Example:
+    """`full` tokenized at once, the tokens inside each turn's answer the targets (the text starts
+    with every turn's prompt + answer)."""
+    spans = [(len(t.prompt), len(t.prompt) + len(t.answer)) for t in turns]
     enc = hf(full, add_special_tokens=False, return_offsets_mapping=True)
     tokens = list(enc["input_ids"])
     in_answer = [any(s <= start and end <= e for s, e in spans) and end > start

@@ -50,18 +50,16 @@ def check_dataset(path: str | Path, tokenizer=None, max_seq_length: int = 2048) 
             if row.messages is not None and has_reasoning(row.messages):
                 reasoning.append(row.where)
             try:
-                n = _length(row, tokenizer, policy)
+                n, what = _length(row, tokenizer, policy)
             except InputError as exc:  # the template refuses the row: list it, go on with the others
                 refused.append(f"{row.where}: {exc.message}")
-                n = None  # not in the length statistics: training cannot encode it
+                n, what = None, []  # not in the length statistics: training cannot encode it
             if n is not None:
                 lengths.append(n)
             if tokenizer is not None and n is not None and n > max_seq_length:
                 too_long.append(row.where)
-            if tokenizer is not None and row.text is not None:
-                what = encode_text(tokenizer, row.text, row.where)[1]
-                if what:
-                    adjusted.append(f"{row.where} ({', '.join(what)})")
+            if what:
+                adjusted.append(f"{row.where} ({', '.join(what)})")
             key = json.dumps(row.messages if row.text is None else row.text, ensure_ascii=False)
             if key in first_seen:
                 duplicates.append(f"{row.where} (same as {first_seen[key]})")
@@ -84,12 +82,16 @@ def check_dataset(path: str | Path, tokenizer=None, max_seq_length: int = 2048) 
         special_tokens_adjusted_at=adjusted[:3], reasoning=len(reasoning))
 
 
-def _length(row: Row, tokenizer, reasoning: str = "drop") -> int:
-    """Characters without a tokenizer; else the tokens training sees (chat template, bos/eos) in the
-    row's longest sequence (a conversation on a Gemma 4 26B/31B template is one sequence per turn)."""
+def _length(row: Row, tokenizer, reasoning: str = "drop") -> tuple[int, list[str]]:
+    """(length, special tokens a text row already holds): characters without a tokenizer; else the
+    tokens training sees (chat template, bos/eos) in the row's longest sequence (a conversation on a
+    Gemma 4 26B/31B template is one sequence per turn)."""
     if tokenizer is None:
-        return len(row.text) if row.text is not None else sum(len(m["content"]) for m in row.messages)
-    return max(len(ex.tokens) for ex in encode_row(tokenizer, row, reasoning=reasoning))
+        return (len(row.text) if row.text is not None else sum(len(m["content"]) for m in row.messages)), []
+    if row.text is not None:
+        ex, adjusted = encode_text(tokenizer, row.text, row.where)
+        return len(ex.tokens), adjusted
+    return max(len(ex.tokens) for ex in encode_row(tokenizer, row, reasoning=reasoning)), []
 
 
 def _percentile(ordered: list[int], q: float) -> int:

@@ -9,12 +9,13 @@ on (or to another one) without reloading the base, and answering one prompt with
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mlx_gemma_tune.errors import InputError, UserError
 from mlx_gemma_tune.families import END_OF_TURN
+from mlx_gemma_tune.thinking import split as split_thought
 
 
 @dataclass
@@ -329,53 +330,6 @@ class Answer:
     thinking: str | None = None  # with --thinking: the thought before the (tuned) answer
 
 
-def thought_and_answer(pieces: Iterable[str]) -> Iterator[tuple[str, str]]:
-    """("thought" | "answer", text) pieces of a streamed reply, in order.
-
-    A reply that opens with Gemma 4's thinking block, `<|channel>thought\n ... <channel|>`, yields
-    the thought (markers removed) before the answer; any other reply is all answer. Markers split
-    across pieces are held back until they are whole, so no marker text is ever yielded."""
-    from mlx_gemma_tune.data import THOUGHT_CLOSE, THOUGHT_OPEN
-
-    opening = THOUGHT_OPEN.rstrip("\n")  # "<|channel>thought"
-    buf, state = "", "start"
-    for piece in pieces:
-        buf += piece
-        if state == "start":
-            head = buf.lstrip()
-            if head.startswith(opening):
-                state, buf = "lead", head[len(opening):]
-            elif opening.startswith(head):
-                continue  # may still become the opening marker
-            else:
-                state = "answer"
-        if state == "lead":  # the newline after the opening marker is part of it
-            if not buf.strip("\n"):
-                continue
-            state, buf = "thought", buf.lstrip("\n")
-        if state == "thought":
-            if THOUGHT_CLOSE not in buf:
-                safe = len(buf) - len(THOUGHT_CLOSE) + 1  # a partial closing marker stays in buf
-                if safe > 0:
-                    yield "thought", buf[:safe]
-                    buf = buf[safe:]
-                continue
-            thought, buf = buf.split(THOUGHT_CLOSE, 1)
-            if thought:
-                yield "thought", thought
-            state = "after"
-        if state == "after":  # the answer starts at its first non-blank character, whatever the pieces
-            buf = buf.lstrip()
-            if not buf:
-                continue
-            state = "answer"
-        if state == "answer" and buf:
-            yield "answer", buf
-            buf = ""
-    if buf.strip("\n") if state == "lead" else buf:  # the reply ended inside a marker or an unclosed thought
-        yield ("answer" if state in ("start", "answer", "after") else "thought"), buf
-
-
 def read_prompts(path) -> list[str]:
     """Prompts from a text file (one per line) or JSONL (prompt / messages / instruction rows)."""
     p = Path(path).expanduser()
@@ -412,17 +366,12 @@ def generate_answers(session: ChatSession, prompts: list[str], compare: bool = F
         session.reset()
         if compare:
             base, tuned = session.compare(prompt, images, audio)
-            (_, base), (thought, tuned) = split_reply(base), split_reply(tuned)
-            out.append(Answer(prompt, tuned, base, asdict(session.stats), thought if session.thinking else None))
+            (_, base), (thought, tuned) = split_thought(base), split_thought(tuned)
+            out.append(Answer(prompt, tuned.strip(), base.strip(), asdict(session.stats),
+                              (thought or "").strip() if session.thinking else None))
         else:
-            thought, answer = split_reply("".join(session.reply(prompt, images, audio)))
-            out.append(Answer(prompt, answer, None, asdict(session.stats), thought if session.thinking else None))
+            thought, answer = split_thought("".join(session.reply(prompt, images, audio)))
+            out.append(Answer(prompt, answer.strip(), None, asdict(session.stats),
+                              (thought or "").strip() if session.thinking else None))
     return out
 
-
-def split_reply(reply: str) -> tuple[str, str]:
-    """(thought, answer) of a whole reply, each stripped (thought_and_answer)."""
-    parts = {"thought": "", "answer": ""}
-    for kind, piece in thought_and_answer([reply]):
-        parts[kind] += piece
-    return parts["thought"].strip(), parts["answer"].strip()

@@ -252,7 +252,7 @@ def show_data_report(r) -> None:
 
 
 def stream_reply(parts, label: str = "") -> str:
-    """Show a reply as it streams, from ("thought" | "answer", text) pieces (generate.thought_and_answer):
+    """Show a reply as it streams, from ("thought" | "answer", text) pieces (thinking.thought_and_answer):
     on a terminal the thought dim and the answer as live Markdown; otherwise plain lines, the thought
     on its own `thinking:` line. Returns the answer's text."""
     import click

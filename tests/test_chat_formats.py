@@ -362,7 +362,7 @@ def test_reasoning_in_content_parts_and_data_check_on_a_model_without_thinking(h
 
 
 def test_a_streamed_thought_splits_the_same_wherever_the_pieces_break():
-    from mlx_gemma_tune.generate import thought_and_answer
+    from mlx_gemma_tune.thinking import thought_and_answer
 
     def joined(pieces):
         out = {"thought": "", "answer": ""}
