@@ -26,6 +26,9 @@ def sampling_options(f):
         click.option("--thinking/--no-thinking", default=False, show_default=True,
                      help="Gemma 4: thinking on in the chat template; the model may think before it answers, and "
                           "the thought is shown apart (--json: its own field)."),
+        click.option("--tools", "tools_file", type=click.Path(dir_okay=False), default=None,
+                     help="Gemma 4: a JSON file of tools (OpenAI shape) the model may call; calls are shown apart "
+                          "(chat asks you for each result; --json: their own field)."),
         click.option("--adapter", type=click.Path(file_okay=False), default=None,
                      help="LoRA/DoRA adapter directory (a run directory's own adapter is used by default)."),
         click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False),
@@ -37,31 +40,43 @@ def sampling_options(f):
     return f
 
 
-def _open_session(model_or_run, adapter, system, thinking, temp, top_k, top_p, min_p, max_tokens, seed, images=(),
-                  audio=()):
+def _open_session(model_or_run, adapter, system, thinking, tools_file, temp, top_k, top_p, min_p, max_tokens, seed,
+                  images=(), audio=()):
     from mlx_gemma_tune.generate import ChatSession, Sampling
+    from mlx_gemma_tune.tools import read_tools_file
 
+    tools = read_tools_file(tools_file) if tools_file else None  # a bad file fails before the model loads
     sampling = Sampling(temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, max_tokens=max_tokens, seed=seed)
     return ChatSession.open(model_or_run, adapter, images=bool(images), audio=bool(audio), system=system,
-                            sampling=sampling, thinking=thinking)
+                            sampling=sampling, thinking=thinking, tools=tools)
+
+
+def _reply_parts(pieces):
+    """A streamed reply as ui.stream_reply shows it: thought, answer and tool calls apart."""
+    from mlx_gemma_tune.thinking import thought_and_answer
+    from mlx_gemma_tune.tools import calls_apart
+
+    return calls_apart(thought_and_answer(pieces))
 
 
 @cli.command()
 @click.argument("model_or_run")
 @sampling_options
-def chat(model_or_run, adapter, system, thinking, temp, top_k, top_p, min_p, max_tokens, seed, images, audio):
+def chat(model_or_run, adapter, system, thinking, tools_file, temp, top_k, top_p, min_p, max_tokens, seed, images,
+         audio):
     """Chat with MODEL_OR_RUN (a model directory, or a run directory: its base + adapter).
 
     Type /help for the commands: /adapter PATH|off|on, /compare, /system, /temp, /topk,
     /topp, /max, /reset, /save FILE, /quit. With --image / --audio, they go with your first message.
+    With --tools, when the model calls a tool you type its result and the model goes on.
     """
     from mlx_gemma_tune import ui
     from mlx_gemma_tune.generate import run_command
-    from mlx_gemma_tune.thinking import split, thought_and_answer
+    from mlx_gemma_tune.thinking import split
 
     with ui.status("Loading the model" + (" and its towers" if images or audio else "")):
-        session = _open_session(model_or_run, adapter, system, thinking, temp, top_k, top_p, min_p, max_tokens, seed,
-                                images, audio)
+        session = _open_session(model_or_run, adapter, system, thinking, tools_file, temp, top_k, top_p, min_p,
+                                max_tokens, seed, images, audio)
     pending, pending_audio = list(images), list(audio)
     ui.chat_note(f"model {session.base_path}" + (f" + adapter {session.adapter}" if session.adapter else "")
                  + " — /help for commands, /quit to leave")
@@ -86,7 +101,13 @@ def chat(model_or_run, adapter, system, thinking, temp, top_k, top_p, min_p, max
                 base, tuned = session.compare(line, pending, pending_audio)
                 ui.show_compare(line, split(base)[1].strip(), split(tuned)[1].strip())  # answers, not thoughts
             else:
-                ui.stream_reply(thought_and_answer(session.reply(line, pending, pending_audio)), label="model")
+                ui.stream_reply(_reply_parts(session.reply(line, pending, pending_audio)), label="model")
+                while session.pending_calls:  # the model called tools: their results, then it goes on
+                    name = session.pending_calls[0]["function"]["name"]
+                    session.add_tool_result(click.prompt(f"result of {name}", prompt_suffix="> ", default="",
+                                                         show_default=False))
+                    if not session.pending_calls:
+                        ui.stream_reply(_reply_parts(session.resume()), label="model")
             pending, pending_audio = [], []
             ui.chat_footer(session.stats)
         except UserError as exc:  # a bad command or value: say so, keep chatting
@@ -101,24 +122,26 @@ def chat(model_or_run, adapter, system, thinking, temp, top_k, top_p, min_p, max
 @click.option("--compare", is_flag=True, help="Answer with the base model and the tuned model, side by side.")
 @click.option("--json", "as_json", is_flag=True, help="Print the answers as JSON.")
 @sampling_options
-def generate(model_or_run, prompt, prompts_file, compare, as_json, adapter, system, thinking, temp, top_k, top_p,
-             min_p, max_tokens, seed, images, audio):
-    """Answer one prompt (or a file of prompts) with MODEL_OR_RUN, optionally base vs tuned."""
+def generate(model_or_run, prompt, prompts_file, compare, as_json, adapter, system, thinking, tools_file, temp, top_k,
+             top_p, min_p, max_tokens, seed, images, audio):
+    """Answer one prompt (or a file of prompts) with MODEL_OR_RUN, optionally base vs tuned.
+
+    With --tools, a tool call the model makes is shown (and in --json, its own field); it is not run.
+    """
     from mlx_gemma_tune import ui
     from mlx_gemma_tune.generate import generate_answers, read_prompts
-    from mlx_gemma_tune.thinking import thought_and_answer
 
     if (prompt is None) == (prompts_file is None):
         raise click.UsageError("give exactly one of --prompt TEXT or --prompts FILE")
     prompts = [prompt] if prompt is not None else read_prompts(prompts_file)
     with ui.status("Loading the model" + (" and its towers" if images or audio else "")):
-        session = _open_session(model_or_run, adapter, system, thinking, temp, top_k, top_p, min_p, max_tokens, seed,
-                                images, audio)
+        session = _open_session(model_or_run, adapter, system, thinking, tools_file, temp, top_k, top_p, min_p,
+                                max_tokens, seed, images, audio)
     images, audio = list(images) or None, list(audio) or None
     if compare and session.adapter is None:
         raise UserError("--compare needs an adapter", hint="pass --adapter DIR or a run directory")
     if not as_json and not compare and len(prompts) == 1:
-        ui.stream_reply(thought_and_answer(session.reply(prompts[0], images, audio)))
+        ui.stream_reply(_reply_parts(session.reply(prompts[0], images, audio)))
         ui.chat_footer(session.stats)
         return
     answers = generate_answers(session, prompts, compare, images, audio)
@@ -127,10 +150,11 @@ def generate(model_or_run, prompt, prompts_file, compare, as_json, adapter, syst
         return
     for a in answers:
         if compare:
-            ui.show_compare(a.prompt, a.base, a.answer)
+            ui.show_compare(a.prompt, ui.with_calls(a.base, a.base_tool_calls), ui.with_calls(a.answer, a.tool_calls))
         else:
             thought = f"thinking: {a.thinking}\n" if a.thinking else ""
-            ui.out.print(f"prompt: {a.prompt}\n{thought}answer: {a.answer}", soft_wrap=True, markup=False)
+            ui.out.print(f"prompt: {a.prompt}\n{thought}answer: {ui.with_calls(a.answer, a.tool_calls)}",
+                         soft_wrap=True, markup=False)
 
 
 @cli.command()

@@ -21,6 +21,12 @@ produces it with thinking on (Gemma 4): the conversation rendered with `enable_t
 turn one sequence, its continuation `<|channel>thought\n{thought}<channel|>{answer}<turn|>`. The
 template itself strips thoughts from past turns, as it does at inference. `data.reasoning` chooses
 train (the default) / drop (answers only) / error; models without a thinking format refuse it.
+
+Tool calling (tools.py: a row's `tools`, assistant `tool_calls`, `tool` results) renders through the
+same template: an assistant turn that calls a tool trains the call and the `<|tool_response>` stop
+token Gemma 4 ends it with; the results are prompt (masked); the answer after them trains as the
+continuation of the template's generation prompt after tool results. Models whose template has
+no tool format (Gemma 3, 3n) refuse such rows.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mlx_gemma_tune import thinking
+from mlx_gemma_tune import tools as tool_calling
 from mlx_gemma_tune.errors import InputError
 from mlx_gemma_tune.families import END_OF_TURN
 
@@ -35,7 +42,7 @@ REFUSED_HINT = ("make the row a conversation the model's template accepts (e.g. 
                 "start with a user turn)")
 
 ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant",
-                "model": "assistant", "gpt": "assistant", "bot": "assistant"}
+                "model": "assistant", "gpt": "assistant", "bot": "assistant", "tool": "tool"}
 
 
 @dataclass
@@ -148,15 +155,21 @@ def _answers_only(messages: list[dict]) -> list[dict]:
     return out
 
 
-def encode_conversation(tokenizer, messages: list[dict], where: str = "", reasoning: str = "train") -> list[Example]:
+def encode_conversation(tokenizer, messages: list[dict], where: str = "", reasoning: str = "train",
+                        tools: list[dict] | None = None) -> list[Example]:
     """Tokens and loss masks of a conversation: one Example, or one per assistant turn (module doc).
 
     Every Example's masked prefix before a trained turn is token for token what `chat` / `generate`
     send as the prompt at that point (with thinking on, for rows that carry reasoning). `reasoning`
-    is data.reasoning: train / drop / error. Raises InputError (naming `where`) when the template
-    refuses the conversation or renders a turn inconsistently, when reasoning is refused, or when
-    the model has no thinking format to train it in."""
+    is data.reasoning: train / drop / error; `tools` the row's function declarations. Raises
+    InputError (naming `where`) when the template refuses the conversation or renders a turn
+    inconsistently, when reasoning is refused, when the model has no thinking format to train it
+    in, or no tool format for a row that uses tools."""
     hf = hf_tokenizer(tokenizer)
+    template_args = {"tools": tools} if tools else {}
+    if tool_calling.has_tool_use(messages, tools) and not tool_calling.can_call_tools(hf):
+        raise InputError("uses tools, but this model's chat template has no tool-calling format (Gemma 4's has)",
+                         where=where, hint="train tool calling on a Gemma 4 model, or leave these rows out")
     thoughts = [split_reasoning(m)[0] for m in messages if m["role"] == "assistant"]
     if any(t is not None for t in thoughts):
         if reasoning == "error":
@@ -167,13 +180,22 @@ def encode_conversation(tokenizer, messages: list[dict], where: str = "", reason
                              where=where, hint="set data.reasoning: drop to train the answers only")
         messages = _answers_only(messages)
     if reasoning == "train" and any(t is not None for t in thoughts):
-        _, turns = assistant_turns(hf, messages, where, enable_thinking=True)
-        return [_sequence(hf, t.prompt, (thinking.block(thought) if thought else "") + t.answer, where)
+        _, turns = assistant_turns(hf, messages, where, enable_thinking=True, **template_args)
+        return [_sequence(hf, t.prompt, _with_thought(t.prompt, thought, t.answer), where)
                 for t, thought in zip(turns, thoughts)]
-    full, turns = assistant_turns(hf, messages, where)
+    full, turns = assistant_turns(hf, messages, where, **template_args)
     if all(t.in_context for t in turns):
         return [_whole(hf, full, turns, where)]
     return [_sequence(hf, t.prompt, t.answer, where) for t in turns]
+
+
+def _with_thought(prompt: str, thought: str | None, answer: str) -> str:
+    """What the model writes after `prompt` with thinking on: its thought block, then the answer.
+    A prompt that already opens the thought (Gemma 4 after tool results: '<|channel>thought\n')
+    gets the rest of the block (an empty thought where the row has none)."""
+    if prompt.endswith(thinking.THOUGHT_OPEN):
+        return (thought or "") + thinking.THOUGHT_CLOSE + answer
+    return (thinking.block(thought) if thought else "") + answer
 
 
 def _sequence(hf, prompt: str, answer: str, where: str) -> Example:
@@ -251,7 +273,7 @@ def encode_row(tokenizer, row, mask_prompt: bool = True, reasoning: str = "train
     one Example or one per assistant turn (encode_conversation), a text row one (encode_text)."""
     if row.messages is None:
         return [encode_text(tokenizer, row.text, row.where)[0]]
-    examples = encode_conversation(tokenizer, row.messages, row.where, reasoning)
+    examples = encode_conversation(tokenizer, row.messages, row.where, reasoning, tools=row.tools)
     if not mask_prompt:
         for ex in examples:
             ex.mask = [True] * len(ex.tokens)

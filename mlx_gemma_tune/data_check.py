@@ -11,6 +11,7 @@ from pathlib import Path
 from mlx_gemma_tune.data import default_reasoning, encode_row, encode_text, has_reasoning
 from mlx_gemma_tune.dataset_files import Row, read_splits
 from mlx_gemma_tune.errors import InputError
+from mlx_gemma_tune.tools import has_tool_use
 
 
 @dataclass
@@ -31,6 +32,7 @@ class DataReport:
     special_tokens_adjusted: int  # text rows already holding <bos> / a final end-of-turn: not doubled
     special_tokens_adjusted_at: list[str]  # first 3, as "where (what)"
     reasoning: int  # chat rows whose assistant turns carry a thought (trained with thinking on by default)
+    tool_use: int  # chat rows that declare tools, call one or carry a tool result
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -41,7 +43,7 @@ def check_dataset(path: str | Path, tokenizer=None, max_seq_length: int = 2048) 
     splits = read_splits(path)
     formats: Counter = Counter()
     lengths: list[int] = []
-    too_long, duplicates, empty, refused, adjusted, reasoning = [], [], [], [], [], []
+    too_long, duplicates, empty, refused, adjusted, reasoning, tool_use = [], [], [], [], [], [], []
     first_seen: dict[str, str] = {}
     policy = default_reasoning(tokenizer) if tokenizer is not None else "drop"
     for rows in splits.values():
@@ -49,6 +51,8 @@ def check_dataset(path: str | Path, tokenizer=None, max_seq_length: int = 2048) 
             formats[row.fmt] += 1
             if row.messages is not None and has_reasoning(row.messages):
                 reasoning.append(row.where)
+            if row.messages is not None and has_tool_use(row.messages, row.tools):
+                tool_use.append(row.where)
             try:
                 n, what = _length(row, tokenizer, policy)
             except InputError as exc:  # the template refuses the row: list it, go on with the others
@@ -65,9 +69,10 @@ def check_dataset(path: str | Path, tokenizer=None, max_seq_length: int = 2048) 
                 duplicates.append(f"{row.where} (same as {first_seen[key]})")
             else:
                 first_seen[key] = row.where
-            # a message made of an image or a clip alone is not empty
+            # a message made of an image or a clip alone is not empty, nor a tool call without text
             contents = [row.text] if row.text is not None else [
-                m["content"] for m in row.messages if all(p["type"] == "text" for p in m.get("parts", []))]
+                m["content"] for m in row.messages
+                if all(p["type"] == "text" for p in m.get("parts", [])) and not m.get("tool_calls")]
             if any(not c.strip() for c in contents):
                 empty.append(row.where)
     ordered = sorted(lengths) or [0]  # every row refused: no lengths to show
@@ -79,7 +84,7 @@ def check_dataset(path: str | Path, tokenizer=None, max_seq_length: int = 2048) 
         max_seq_length=max_seq_length, too_long=len(too_long) if tokenizer is not None else None,
         too_long_at=too_long[:3], duplicates=len(duplicates), duplicates_at=duplicates[:3],
         empty=len(empty), empty_at=empty[:3], refused=refused, special_tokens_adjusted=len(adjusted),
-        special_tokens_adjusted_at=adjusted[:3], reasoning=len(reasoning))
+        special_tokens_adjusted_at=adjusted[:3], reasoning=len(reasoning), tool_use=len(tool_use))
 
 
 def _length(row: Row, tokenizer, reasoning: str = "drop") -> tuple[int, list[str]]:

@@ -9,7 +9,9 @@ Row schemas, detected row by row:
   chat               {"messages": [{"role", "content"}]} or ShareGPT {"conversations": [{"from", "value"}]};
                      a user turn's content may be a list of text / image / audio parts (multimodal.py);
                      an assistant turn's reasoning may be its "reasoning_content" (also "thinking",
-                     "reasoning") field, kept as "reasoning_content" (data.py trains or drops it)
+                     "reasoning") field, kept as "reasoning_content" (data.py trains or drops it);
+                     tool calling in the OpenAI shape: a "tools" list on the row, assistant
+                     "tool_calls", "tool" messages with the results (tools.py)
   prompt_completion  {"prompt", "completion"}, optional "system"
   instruction        {"instruction", "context" | "input" (optional), "response" | "output"}, optional "system"
   text               {"text"}: language modelling on every token
@@ -25,6 +27,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlx_gemma_tune import tools as tool_calling
 from mlx_gemma_tune.data import ROLE_ALIASES
 from mlx_gemma_tune.errors import InputError, OfflineError
 
@@ -40,8 +43,9 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 class Row:
     where: str  # "path:line" (JSONL, CSV with the header as line 1) or "path[index]" (JSON list, Arrow)
     fmt: str  # "chat" | "prompt_completion" | "instruction" | "text"
-    messages: list[dict] | None  # [{"role": "system" | "user" | "assistant", "content": str}]
+    messages: list[dict] | None  # [{"role": "system" | "user" | "assistant" | "tool", "content": str, ...}]
     text: str | None = None  # for fmt == "text"
+    tools: list[dict] | None = None  # a chat row's function declarations (tools.check_tools)
 
 
 EXAMPLES_DIR = Path(__file__).parent / "examples"
@@ -270,7 +274,10 @@ def _normalise(obj: object, where: str) -> Row:
         raise InputError(f"row must be an object with named fields, not {_kind(obj)}", where=where)
     for key in ("messages", "conversations"):
         if key in obj:
-            return Row(where, "chat", _chat(obj[key], key, where))
+            messages = _chat(obj[key], key, where)
+            tools = tool_calling.check_tools(obj["tools"], where) if obj.get("tools") is not None else None
+            tool_calling.check_order(messages, where)
+            return Row(where, "chat", messages, tools=tools)
     system = _field(obj, "system", where, optional=True)
     head = [{"role": "system", "content": system}] if system else []
     if "prompt" in obj and "completion" in obj:
@@ -315,17 +322,25 @@ def _chat(msgs: object, key: str, where: str) -> list[dict]:
         if not isinstance(m, dict):
             raise InputError(f"message {i} must be an object with role and content, not {_kind(m)}", where=where)
         role, content = _pick(m, "role", "from"), _pick(m, "content", "value")
-        if role is None or ("content" not in m and "value" not in m):
+        if role is None or ("content" not in m and "value" not in m and not m.get("tool_calls")):
             raise InputError(f"message {i} needs 'role' and 'content' (ShareGPT: 'from' and 'value')", where=where,
                              hint=f"found keys: {', '.join(map(str, m)) or 'none'}")
         canonical = ROLE_ALIASES.get(str(role).strip().lower())
         if canonical is None:
             raise InputError(f"message {i} has unknown role '{role}'", where=where,
-                             hint="use system, user or assistant (model, human and gpt are accepted too)")
+                             hint="use system, user, assistant or tool (model, human and gpt are accepted too)")
+        if canonical == "tool":  # a tool's result (OpenAI shape)
+            out.append({"role": "tool", "content": tool_calling.tool_result(content, i, where)}
+                       | {k: m[k] for k in ("tool_call_id", "name") if isinstance(m.get(k), str)})
+            continue
+        calls = m.get("tool_calls") if canonical == "assistant" else None
+        if calls is not None:  # a tool call; its text, if any, may be null
+            calls = tool_calling.check_tool_calls(calls, i, where)
+            content = "" if content is None else content
         thought = _pick(m, "reasoning_content", "thinking", "reasoning") if canonical == "assistant" else None
         if thought is not None and not isinstance(thought, str):  # the fields chat exporters use
             raise InputError(f"message {i} reasoning must be a string, not {_kind(thought)}", where=where)
-        extra = {"reasoning_content": thought} if thought is not None else {}
+        extra = ({"reasoning_content": thought} if thought is not None else {}) | ({"tool_calls": calls} if calls else {})
         if isinstance(content, list):  # multimodal parts: text and images (paths relative to the file)
             parts = _parts(content, i, where)
             if canonical == "assistant" and any(p["type"] != "text" for p in parts):

@@ -101,15 +101,18 @@ def _items(data_path, need_reference: bool):
 
 
 def generate_batch(session, prompts: list[list[dict]], max_tokens: int, batch_size: int,
-                   on_done: Callable[[int], None] | None = None) -> list[str]:
-    """Greedy answers to many conversations, batched through mlx-lm's batch_generate."""
+                   on_done: Callable[[int], None] | None = None, tools: list[list[dict] | None] | None = None
+                   ) -> list[str]:
+    """Greedy answers to many conversations (each with its row's tools, if any), batched through
+    mlx-lm's batch_generate."""
     from mlx_lm.generate import batch_generate
 
     from mlx_gemma_tune.families import END_OF_TURN
 
     out = []
     for start in range(0, len(prompts), batch_size):
-        chunk = [session._prompt_tokens(m) for m in prompts[start:start + batch_size]]
+        chunk = [session.prompt_tokens(m, tools[start + i] if tools else None)
+                 for i, m in enumerate(prompts[start:start + batch_size])]
         texts = batch_generate(session.model, session.tokenizer, chunk, max_tokens=max_tokens).texts
         for t in texts:
             for marker in END_OF_TURN:
@@ -157,7 +160,8 @@ def evaluate(model_or_run: str, data_path: str, *, metrics: tuple[str, ...] = ("
         if text_metrics or judge_model:
             total = len(items)
             answers[label] = generate_batch(session, [m for _r, m, _ref in items], max_tokens, batch_size,
-                                            (lambda done, total=total: progress(done, total)) if progress else None)
+                                            (lambda done, total=total: progress(done, total)) if progress else None,
+                                            tools=[r.tools for r, _m, _ref in items])
             report.rows = total
     session.enable_adapter()
     rows_out = []

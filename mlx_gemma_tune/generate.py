@@ -4,6 +4,8 @@ Generation itself is mlx-lm's `stream_generate`; this module adds what testing a
 adapter needs: the model's own chat template with the conversation history, stopping
 at Gemma's end-of-turn markers (Gemma 3/3n and Gemma 4), switching the adapter off and
 on (or to another one) without reloading the base, and answering one prompt with both.
+With tools (Gemma 4), a reply may call them: the calls join the history as the OpenAI API
+writes them, the caller adds each result, and the model continues its turn (tools.py).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from mlx_gemma_tune import tools as tool_calling
 from mlx_gemma_tune.errors import InputError, UserError
 from mlx_gemma_tune.families import END_OF_TURN
 from mlx_gemma_tune.thinking import split as split_thought
@@ -66,13 +69,19 @@ class ChatSession:
     """A conversation with a model and (optionally) a LoRA adapter that can be switched off/on/swapped."""
 
     def __init__(self, model, tokenizer, config: dict, *, system: str | None = None,
-                 sampling: Sampling | None = None, base_path: str = "", processor=None, thinking: bool = False):
+                 sampling: Sampling | None = None, base_path: str = "", processor=None, thinking: bool = False,
+                 tools: list[dict] | None = None):
         from mlx_gemma_tune.data import can_think, hf_tokenizer
 
         if thinking and not can_think(hf_tokenizer(tokenizer)):
             raise UserError("--thinking: this model has no thinking mode", hint="Gemma 4 models think; Gemma 3 and "
                             "3n do not (drop --thinking)")
+        if tools and not tool_calling.can_call_tools(hf_tokenizer(tokenizer)):
+            raise UserError("--tools: this model's chat template has no tool-calling format",
+                            hint="Gemma 4 models call tools; Gemma 3 and 3n do not (drop --tools)")
         self.thinking = thinking  # the chat template's enable_thinking: the model may think before answering
+        self.tools = tools or None  # function declarations (OpenAI shape) the model may call
+        self.pending_calls: list[dict] = []  # the last reply's tool calls still waiting for a result
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.processor = processor  # image sessions: mlx-vlm's processor (model is mlx-vlm's)
         self.system = system
@@ -82,7 +91,8 @@ class ChatSession:
         self.adapter: Path | None = None
         self._detached: dict | None = None  # adapter layers while the adapter is off
         self.stats = Stats()
-        for marker in END_OF_TURN:  # stop at end of turn even if generation_config lacks it
+        for marker in (*END_OF_TURN, tool_calling.RESPONSE_OPEN):  # stop at end of turn / after a tool call even
+            # if generation_config lacks them
             if marker in tokenizer.vocab and callable(getattr(tokenizer, "add_eos_token", None)):
                 tokenizer.add_eos_token(marker)
 
@@ -147,17 +157,23 @@ class ChatSession:
     # ---- conversation ----------------------------------------------------------------------
     def reset(self) -> None:
         self.history = []
+        self.pending_calls = []
+
+    def _template_args(self) -> dict:
+        return ({"enable_thinking": True} if self.thinking else {}) | ({"tools": self.tools} if self.tools else {})
 
     def messages_for(self, text: str, images: list[str] | None = None, audio: list[str] | None = None) -> list[dict]:
         system = [{"role": "system", "content": self.system}] if self.system else []
         return system + self.history + [user_message(text, images, audio)]
 
-    def _prompt_tokens(self, messages: list[dict]) -> list[int]:
+    def prompt_tokens(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """The token ids generation starts from: the chat template's generation prompt for `messages`
+        (with the session's thinking setting, and `tools`, else the session's tools, declared)."""
         from mlx_gemma_tune.data import hf_tokenizer
 
         hf = hf_tokenizer(self.tokenizer)
-        text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                      **({"enable_thinking": True} if self.thinking else {}))
+        args = self._template_args() | ({"tools": tools} if tools else {})
+        text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **args)
         return list(hf(text, add_special_tokens=False)["input_ids"])
 
     def stream(self, messages: list[dict]) -> Iterator[str]:
@@ -177,7 +193,7 @@ class ChatSession:
         if self.processor is not None:
             responses = self._stream_with_images(messages, sampler)
         else:
-            responses = stream_generate(self.model, self.tokenizer, self._prompt_tokens(messages),
+            responses = stream_generate(self.model, self.tokenizer, self.prompt_tokens(messages),
                                         max_tokens=s.max_tokens, sampler=sampler)
         for r in responses:
             self.stats = Stats(r.prompt_tokens, r.generation_tokens, r.generation_tps, r.peak_memory,
@@ -197,9 +213,9 @@ class ChatSession:
         if clips:
             multimodal.open_audio(clips, "--audio", self.processor.feature_extractor.sampling_rate)
         prompt = self.tokenizer.apply_chat_template(multimodal.hf_messages(messages), tokenize=False,
-                                                    add_generation_prompt=True,
-                                                    **({"enable_thinking": True} if self.thinking else {}))
-        eos = [self.tokenizer.convert_tokens_to_ids(t) for t in END_OF_TURN if t in self.tokenizer.get_vocab()]
+                                                    add_generation_prompt=True, **self._template_args())
+        eos = [self.tokenizer.convert_tokens_to_ids(t) for t in (*END_OF_TURN, tool_calling.RESPONSE_OPEN)
+               if t in self.tokenizer.get_vocab()]
         return vlm_stream(self.model, self.processor, prompt, image=[str(p) for p in paths] or None,
                           audio=[str(p) for p in clips] or None,
                           max_tokens=self.sampling.max_tokens, sampler=sampler,
@@ -207,12 +223,54 @@ class ChatSession:
 
     def reply(self, text: str, images: list[str] | None = None, audio: list[str] | None = None) -> Iterator[str]:
         """Stream the answer to a user message (with images / audio, in such a session); both join the history."""
-        parts = []
+        if self.pending_calls:
+            raise UserError(f"the model is waiting for the result of {self.pending_calls[0]['function']['name']}",
+                            hint="give the tool's result first (or /reset)")
         message = user_message(text, images, audio)
-        for piece in self.stream(self.messages_for(text, images, audio)):
+        messages = self.messages_for(text, images, audio)
+        self.history.append(message)
+        try:
+            yield from self._answer(messages)
+        except BaseException:
+            self.history.pop()
+            raise
+
+    def _answer(self, messages: list[dict]) -> Iterator[str]:
+        """Stream the reply to `messages`; it joins the history (its tool calls as `tool_calls`, which
+        then wait in pending_calls for their results)."""
+        parts = []
+        for piece in self.stream(messages):
             parts.append(piece)
             yield piece
-        self.history += [message, {"role": "assistant", "content": "".join(parts).strip()}]
+        text = "".join(parts).strip()
+        answer, calls = tool_calling.split_calls(split_thought(text)[1]) if self.tools else (text, [])
+        if not calls:
+            self.history.append({"role": "assistant", "content": text})
+            return
+        n = sum(len(m.get("tool_calls", [])) for m in self.history)
+        self.pending_calls = [{"id": f"call_{n + i + 1}", "type": "function",
+                               "function": {"name": c["name"], "arguments": c["arguments"] or {}}}
+                              for i, c in enumerate(calls)]
+        self.history.append({"role": "assistant", "content": answer.strip(), "tool_calls": list(self.pending_calls)})
+
+    def add_tool_result(self, content: str) -> dict:
+        """The result of the first pending tool call (text, e.g. JSON), as a `tool` message in the
+        history; returns the call it answers. Raises UserError when no call is waiting."""
+        if not self.pending_calls:
+            raise UserError("no tool call is waiting for a result")
+        call = self.pending_calls.pop(0)
+        self.history.append({"role": "tool", "tool_call_id": call["id"], "name": call["function"]["name"],
+                             "content": content})
+        return call
+
+    def resume(self) -> Iterator[str]:
+        """Stream the model's continuation once every tool call of its turn has its result."""
+        if self.pending_calls:
+            raise UserError(f"the result of {self.pending_calls[0]['function']['name']} is still missing")
+        if not self.history or self.history[-1]["role"] != "tool":
+            raise UserError("nothing to continue: the last message is not a tool result")
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        yield from self._answer(system + self.history)
 
     def compare(self, text: str, images: list[str] | None = None, audio: list[str] | None = None) -> tuple[str, str]:
         """(base answer, tuned answer) to the same prompt; the tuned one joins the history."""
@@ -225,13 +283,14 @@ class ChatSession:
         finally:
             self.enable_adapter()
         tuned = "".join(self.reply(text, images, audio)).strip()
+        self.pending_calls = []  # a one-prompt comparison: the calls are shown, not answered
         return base, tuned
 
     def transcript(self) -> dict:
         """The conversation as a training row (image turns as content parts, as a dataset writes them)."""
         system = [{"role": "system", "content": self.system}] if self.system else []
         turns = [{"role": m["role"], "content": m["parts"]} if "parts" in m else m for m in self.history]
-        return {"messages": system + turns}
+        return ({"tools": self.tools} if self.tools else {}) | {"messages": system + turns}
 
     def save(self, path) -> Path:
         """Append the conversation as one JSONL row in the chat format `train` reads."""
@@ -328,6 +387,8 @@ class Answer:
     base: str | None = None  # with --compare
     stats: dict = field(default_factory=dict)
     thinking: str | None = None  # with --thinking: the thought before the (tuned) answer
+    tool_calls: list[dict] | None = None  # with --tools: the (tuned) answer's calls, [{"name", "arguments"}]
+    base_tool_calls: list[dict] | None = None  # with --tools --compare: the base answer's calls
 
 
 def read_prompts(path) -> list[str]:
@@ -361,17 +422,22 @@ def read_prompts(path) -> list[str]:
 def generate_answers(session: ChatSession, prompts: list[str], compare: bool = False,
                      images: list[str] | None = None, audio: list[str] | None = None) -> list[Answer]:
     """One answer per prompt (each with `images` / `audio`, in such a session), from a fresh conversation."""
+    def calls_of(text: str) -> tuple[str, list[dict] | None]:
+        return tool_calling.split_calls(text) if session.tools else (text, None)
+
     out = []
     for prompt in prompts:
         session.reset()
         if compare:
             base, tuned = session.compare(prompt, images, audio)
             (_, base), (thought, tuned) = split_thought(base), split_thought(tuned)
+            (base, base_calls), (tuned, calls) = calls_of(base), calls_of(tuned)
             out.append(Answer(prompt, tuned.strip(), base.strip(), asdict(session.stats),
-                              (thought or "").strip() if session.thinking else None))
+                              (thought or "").strip() if session.thinking else None, calls, base_calls))
         else:
             thought, answer = split_thought("".join(session.reply(prompt, images, audio)))
+            answer, calls = calls_of(answer)
             out.append(Answer(prompt, answer.strip(), None, asdict(session.stats),
-                              (thought or "").strip() if session.thinking else None))
+                              (thought or "").strip() if session.thinking else None, calls))
     return out
 

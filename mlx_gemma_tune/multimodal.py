@@ -138,7 +138,8 @@ def hf_messages(messages: list[dict]) -> list[dict]:
             out.append({"role": m["role"], "content": parts}
                        | ({"reasoning_content": m["reasoning_content"]} if "reasoning_content" in m else {}))
         else:
-            out.append({k: v for k, v in m.items() if k in ("role", "content", "reasoning_content")})
+            out.append({k: v for k, v in m.items() if k in ("role", "content", "reasoning_content", "tool_calls",
+                                                           "tool_call_id", "name")})
     return out
 
 
@@ -162,7 +163,7 @@ def encode_row(processor, row, mask_prompt: bool = True, reasoning: str = "train
     image_id = tok.convert_tokens_to_ids(processor.image_token) if processor.image_token else None
     audio_id = tok.convert_tokens_to_ids(processor.audio_token) if getattr(processor, "audio_token", None) else None
     out = []
-    for ex in data.encode_conversation(tok, messages, row.where, reasoning):
+    for ex in data.encode_conversation(tok, messages, row.where, reasoning, tools=row.tools):
         # a sequence holds the first n images / clips of the row (a later turn's prompt holds them all)
         n_images, n_clips = ex.tokens.count(image_id), ex.tokens.count(audio_id)
         out.append(_expand(processor, ex, spans, images[:n_images], clips[:n_clips], mask_prompt, row.where))

@@ -242,6 +242,9 @@ def show_data_report(r) -> None:
     if r.reasoning:
         t.add_row("With reasoning", f"{r.reasoning} row(s): the thought is trained with thinking on (Gemma 4; "
                   "data.reasoning: drop trains the answers only; Gemma 3 / 3n need drop)")
+    if r.tool_use:
+        t.add_row("With tool calls", f"{r.tool_use} row(s): the calls and answers are trained, the tool results are "
+                  "prompt (Gemma 4; Gemma 3 / 3n have no tool format)")
     t.add_row("Refused by the template", str(len(r.refused)))
     out.print(t)
     for line in r.refused:
@@ -252,12 +255,15 @@ def show_data_report(r) -> None:
 
 
 def stream_reply(parts, label: str = "") -> str:
-    """Show a reply as it streams, from ("thought" | "answer", text) pieces (thinking.thought_and_answer):
-    on a terminal the thought dim and the answer as live Markdown; otherwise plain lines, the thought
-    on its own `thinking:` line. Returns the answer's text."""
+    """Show a reply as it streams, from ("thought" | "answer", text) and ("tool_call", call) pieces
+    (thinking.thought_and_answer, tools.calls_apart): on a terminal the thought dim, the answer as
+    live Markdown and each call on its own cyan line; otherwise plain lines, the thought on its own
+    `thinking:` line and each call on a `tool call:` line. Returns the answer's text."""
     import click
 
-    thought, text = "", ""
+    from mlx_gemma_tune.tools import describe
+
+    thought, text, calls = "", "", []
     if out.is_terminal:
         from rich.console import Group
         from rich.live import Live
@@ -268,24 +274,38 @@ def stream_reply(parts, label: str = "") -> str:
             for kind, piece in parts:
                 if kind == "thought":
                     thought += piece
+                elif kind == "tool_call":
+                    calls.append(Text(f"→ tool call: {describe(piece)}", style="bold cyan"))
                 else:
                     text += piece
-                live.update(Group(Text(thought, style="dim italic"), Markdown(text)) if thought else Markdown(text))
+                shown = ([Text(thought, style="dim italic")] if thought else []) + [Markdown(text)] + calls
+                live.update(Group(*shown))
         return text
     kind_now = None
     for kind, piece in parts:
-        if kind != kind_now:
+        if kind != kind_now or kind == "tool_call":
             if kind_now is not None:
                 click.echo()
-            click.echo("thinking: " if kind == "thought" else (f"{label}: " if label else ""), nl=False)
+            heads = {"thought": "thinking: ", "tool_call": "tool call: "}
+            click.echo(heads.get(kind, f"{label}: " if label else ""), nl=False)
             kind_now = kind
         if kind == "answer":
             text += piece
-        click.echo(piece, nl=False)
+        click.echo(describe(piece) if kind == "tool_call" else piece, nl=False)
     if kind_now is None and label:
         click.echo(f"{label}: ", nl=False)
     click.echo()
     return text
+
+
+def with_calls(answer: str | None, calls: list[dict] | None) -> str | None:
+    """An answer with its tool calls written after it, one `tool call: name(args)` line each."""
+    from mlx_gemma_tune.tools import describe
+
+    if not calls:
+        return answer
+    lines = [f"tool call: {describe(c)}" for c in calls]
+    return "\n".join(([answer] if answer else []) + lines)
 
 
 def chat_footer(stats) -> None:

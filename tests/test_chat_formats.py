@@ -41,8 +41,8 @@ def _prompt_tokens(tok, messages) -> list[int]:
     from mlx_gemma_tune.generate import ChatSession
 
     session = ChatSession.__new__(ChatSession)  # the rendering alone, without loading a model
-    session.tokenizer, session.thinking = tok, False
-    return session._prompt_tokens(messages)
+    session.tokenizer, session.thinking, session.tools = tok, False, None
+    return session.prompt_tokens(messages)
 
 
 def _runs(ex) -> list[tuple[int, int]]:

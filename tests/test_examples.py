@@ -11,7 +11,8 @@ import pytest
 from helpers import run_cli
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
-TASKS = ["extraction", "text_to_sql", "movie_reviews", "support", "dolly"]
+TASKS = ["extraction", "text_to_sql", "movie_reviews", "support", "dolly", "tool_calling"]
+MODEL_FOR = {"tool_calling": "gemma4_edge"}  # tool calls need a Gemma 4 template; the rest use Gemma 3
 
 
 def test_committed_files_are_the_generators_output(tmp_path):
@@ -22,11 +23,13 @@ def test_committed_files_are_the_generators_output(tmp_path):
     for task in TASKS:
         for split in ("train", "valid", "test"):
             assert (tmp_path / task / f"{split}.jsonl").read_bytes() == (EXAMPLES / task / f"{split}.jsonl").read_bytes()
+    tools = EXAMPLES / "tool_calling" / "tools.json"
+    assert (tmp_path / "tool_calling" / "tools.json").read_bytes() == tools.read_bytes()
 
 
 @pytest.mark.parametrize("task", TASKS)
 def test_every_example_passes_data_check(task, hf_model):
-    res = run_cli(["data", "check", EXAMPLES / task, "--model", hf_model("gemma3_text"), "--json"])
+    res = run_cli(["data", "check", EXAMPLES / task, "--model", hf_model(MODEL_FOR.get(task, "gemma3_text")), "--json"])
     assert res.exit_code == 0, res.output
     rep = json.loads(res.stdout)
     assert rep["splits"] == {"train": 160, "valid": 20, "test": 20}
@@ -41,3 +44,23 @@ def test_extraction_answers_are_the_sentence_facts():
         assert set(facts) == {"name", "age", "job", "city"}
         assert facts["name"] in msgs[1]["content"] and facts["city"] in msgs[1]["content"]
         assert str(facts["age"]) in msgs[1]["content"]
+
+
+def test_tool_calling_answers_come_from_the_tool_results():
+    """Every call names a declared tool with its required arguments, and the answer states the result."""
+    rows = [json.loads(x) for x in (EXAMPLES / "tool_calling" / "train.jsonl").read_text().splitlines()]
+    called = 0
+    for row in rows:
+        declared = {t["function"]["name"]: t["function"]["parameters"] for t in row["tools"]}
+        msgs = row["messages"]
+        if len(msgs) == 3:  # answered without a tool
+            continue
+        called += 1
+        [call] = msgs[2]["tool_calls"]
+        args = json.loads(call["function"]["arguments"])
+        assert set(declared[call["function"]["name"]]["required"]) <= set(args)
+        assert msgs[3]["tool_call_id"] == call["id"]
+        result = json.loads(msgs[3]["content"])
+        shown = [v for k, v in result.items() if k not in ("unit", "currency")]
+        assert all(str(v) in msgs[4]["content"] for v in shown), (result, msgs[4]["content"])
+    assert 100 < called < len(rows)  # most rows call a tool, some need none

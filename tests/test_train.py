@@ -317,7 +317,8 @@ def test_recipes_list_show_copy(tmp_path):
     assert res.exit_code == 0
     names = [line.split()[0] for line in res.stdout.splitlines()]
     assert {"gemma4-e2b-lora", "gemma4-e2b-qlora", "gemma3n-e2b-lora", "gemma4-26b-a4b-qlora"} <= set(names)
-    assert {f"tasks/{t}" for t in ("extraction", "text-to-sql", "movie-reviews", "support", "dolly")} <= set(names)
+    assert {f"tasks/{t}" for t in ("extraction", "text-to-sql", "movie-reviews", "support", "dolly",
+                                                 "tool-calling")} <= set(names)
     files = sorted(recipe.RECIPES_DIR.rglob("*.yaml"))
     assert len(files) == len(names) >= 16
     from mlx_gemma_tune import dataset_files

@@ -2,12 +2,14 @@
 
     python examples/make_examples.py          # rewrites examples/<task>/{train,valid,test}.jsonl
 
-Five small tasks, each with train/valid/test splits and a README:
+Six small tasks, each with train/valid/test splits and a README:
   extraction     unstructured sentence -> JSON with name, age, job and city
   text_to_sql    question over a fixed schema -> one SQLite query (seed 000's task)
   movie_reviews  genre, subject and verdict -> a one-line review (seed 000)
   support        customer message -> polite support reply (seed 002)
   dolly          instruction/context/response rows in Dolly-15k's format (seed 003)
+  tool_calling   a question -> a call to one of three tools, its result, an answer from it (OpenAI
+                 tools / tool_calls / tool messages; Gemma 4)
 """
 
 from __future__ import annotations
@@ -174,8 +176,80 @@ def dolly(rng: random.Random) -> dict:
             "category": kind}
 
 
+WEATHER = ["sunny", "cloudy", "light rain", "windy", "foggy", "snowing", "clear"]
+CURRENCIES = ["EUR", "USD", "GBP", "JPY", "CHF", "CAD"]
+RATES = {"EUR": 1.0, "USD": 1.08, "GBP": 0.85, "JPY": 162.0, "CHF": 0.95, "CAD": 1.47}  # per euro, made up
+TOOLS = [
+    {"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather in a city.",
+        "parameters": {"type": "object", "properties": {
+            "city": {"type": "string", "description": "City name"},
+            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}, "required": ["city"]}}},
+    {"type": "function", "function": {
+        "name": "convert_currency", "description": "Convert an amount of money between currencies.",
+        "parameters": {"type": "object", "properties": {
+            "amount": {"type": "number", "description": "The amount to convert"},
+            "source": {"type": "string", "description": "ISO code of the currency to convert from"},
+            "target": {"type": "string", "description": "ISO code of the currency to convert to"}},
+            "required": ["amount", "source", "target"]}}},
+    {"type": "function", "function": {
+        "name": "count_employees", "description": "Number of employees in a department.",
+        "parameters": {"type": "object", "properties": {
+            "department": {"type": "string", "description": "Department name"}}, "required": ["department"]}}},
+]
+TOOL_SYSTEM = "You are a helpful assistant. Call a tool when you need live data; otherwise answer directly."
+
+
+def tool_calling(rng: random.Random) -> dict:
+    """A question that needs one tool (call, result, answer from the result), or none (3 in 20)."""
+    kind = rng.choices(["weather", "currency", "employees", "none"], weights=[6, 6, 5, 3])[0]
+    if kind == "weather":
+        city, unit = rng.choice(CITIES), rng.choice(["celsius", "fahrenheit"])
+        degrees = rng.randint(-5, 35) if unit == "celsius" else rng.randint(23, 95)
+        sky = rng.choice(WEATHER)
+        q = rng.choice([f"What's the weather like in {city}?", f"Is it warm in {city} right now?",
+                        f"How is the weather in {city} today?"])
+        q += " Use Fahrenheit." if unit == "fahrenheit" else ""
+        args = {"city": city} | ({"unit": unit} if unit == "fahrenheit" else {})
+        result = {"temperature": degrees, "unit": unit, "conditions": sky}
+        answer = f"It is {degrees} degrees {unit.capitalize()} and {sky} in {city}."
+        name = "get_weather"
+    elif kind == "currency":
+        source, target = rng.sample(CURRENCIES, 2)
+        amount = rng.choice([5, 10, 20, 50, 75, 100, 250, 1000])
+        value = round(amount * RATES[target] / RATES[source], 2)
+        q = rng.choice([f"How much is {amount} {source} in {target}?", f"Convert {amount} {source} to {target}.",
+                        f"I have {amount} {source}. What is that in {target}?"])
+        args = {"amount": amount, "source": source, "target": target}
+        result = {"amount": value, "currency": target}
+        answer = f"{amount} {source} is {value} {target}."
+        name = "convert_currency"
+    elif kind == "employees":
+        dept, n = rng.choice(DEPTS), rng.randint(3, 240)
+        q = rng.choice([f"How many people work in {dept}?", f"What is the headcount of {dept}?",
+                        f"How big is the {dept} team?"])
+        args, result, answer, name = {"department": dept}, {"count": n}, f"{dept} has {n} employees.", "count_employees"
+    else:
+        city, k = rng.choice(CITIES), rng.randint(2, 19)
+        q, answer = rng.choice([
+            (f"Spell {city} backwards.", city[::-1].capitalize() + "."),
+            (f"What is {k} times {k}?", f"{k * k}."),
+            (f"How many letters are in {city}?", f"{len(city)}."),
+        ])
+        return {"tools": TOOLS, "messages": [{"role": "system", "content": TOOL_SYSTEM},
+                                             {"role": "user", "content": q}, {"role": "assistant", "content": answer}]}
+    call_id = f"call_{rng.randint(1000, 9999)}"
+    return {"tools": TOOLS, "messages": [
+        {"role": "system", "content": TOOL_SYSTEM},
+        {"role": "user", "content": q},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": call_id, "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}]},
+        {"role": "tool", "tool_call_id": call_id, "content": json.dumps(result)},
+        {"role": "assistant", "content": answer}]}
+
+
 TASKS = {"extraction": extraction, "text_to_sql": text_to_sql, "movie_reviews": movie_review, "support": support,
-         "dolly": dolly}
+         "dolly": dolly, "tool_calling": tool_calling}
 
 
 def build(task: str) -> dict[str, list[dict]]:
@@ -200,6 +274,8 @@ def write(root: Path = HERE) -> None:
             path = root / task / f"{split}.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    # the tools alone, for `chat` / `generate --tools`
+    (root / "tool_calling" / "tools.json").write_text(json.dumps(TOOLS, indent=2) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
