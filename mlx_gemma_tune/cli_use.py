@@ -66,7 +66,7 @@ def chat(model_or_run, adapter, system, thinking, tools_file, temp, top_k, top_p
          audio):
     """Chat with MODEL_OR_RUN (a model directory, or a run directory: its base + adapter).
 
-    Type /help for the commands: /adapter PATH|off|on, /compare, /system, /temp, /topk,
+    Type /help for the commands: /adapter PATH|off|on, /compare, /thought, /system, /temp, /topk,
     /topp, /max, /reset, /save FILE, /quit. With --image / --audio, they go with your first message.
     With --tools, when the model calls a tool you type its result and the model goes on.
     """
@@ -101,13 +101,14 @@ def chat(model_or_run, adapter, system, thinking, tools_file, temp, top_k, top_p
                 base, tuned = session.compare(line, pending, pending_audio)
                 ui.show_compare(line, split(base)[1].strip(), split(tuned)[1].strip())  # answers, not thoughts
             else:
-                ui.stream_reply(_reply_parts(session.reply(line, pending, pending_audio)), label="model")
+                ui.stream_reply(_reply_parts(session.reply(line, pending, pending_audio)), label="model",
+                                fold_thought=True)
                 while session.pending_calls:  # the model called tools: their results, then it goes on
                     name = session.pending_calls[0]["function"]["name"]
                     session.add_tool_result(click.prompt(f"result of {name}", prompt_suffix="> ", default="",
                                                          show_default=False))
                     if not session.pending_calls:
-                        ui.stream_reply(_reply_parts(session.resume()), label="model")
+                        ui.stream_reply(_reply_parts(session.resume()), label="model", fold_thought=True)
             pending, pending_audio = [], []
             ui.chat_footer(session.stats)
         except UserError as exc:  # a bad command or value: say so, keep chatting

@@ -82,6 +82,7 @@ class ChatSession:
         self.thinking = thinking  # the chat template's enable_thinking: the model may think before answering
         self.tools = tools or None  # function declarations (OpenAI shape) the model may call
         self.pending_calls: list[dict] = []  # the last reply's tool calls still waiting for a result
+        self.last_thought: str | None = None  # the last reply's thought (chat's /thought shows it)
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.processor = processor  # image sessions: mlx-vlm's processor (model is mlx-vlm's)
         self.system = system
@@ -158,6 +159,7 @@ class ChatSession:
     def reset(self) -> None:
         self.history = []
         self.pending_calls = []
+        self.last_thought = None
 
     def _template_args(self) -> dict:
         return ({"enable_thinking": True} if self.thinking else {}) | ({"tools": self.tools} if self.tools else {})
@@ -243,7 +245,9 @@ class ChatSession:
             parts.append(piece)
             yield piece
         text = "".join(parts).strip()
-        answer, calls = tool_calling.split_calls(split_thought(text)[1]) if self.tools else (text, [])
+        thought, rest = split_thought(text)
+        self.last_thought = thought.strip() if thought else None
+        answer, calls = tool_calling.split_calls(rest) if self.tools else (text, [])
         if not calls:
             self.history.append({"role": "assistant", "content": text})
             return
@@ -311,6 +315,7 @@ class ChatSession:
 HELP = """Commands:
   /adapter PATH|off|on   load another adapter, or switch it off / on (the base stays loaded)
   /compare               answer the next prompt with the base and the tuned model, side by side
+  /thought               show the last reply's thought in full (--thinking; it is folded after the reply)
   /system TEXT           set the system prompt (empty: none)
   /temp X  /topk N  /topp X  /max N   sampling settings
   /reset                 forget the conversation
@@ -339,6 +344,10 @@ def run_command(session: ChatSession, line: str) -> CommandResult:
     if name == "/reset":
         session.reset()
         return CommandResult("conversation cleared")
+    if name == "/thought":
+        if not session.last_thought:
+            raise UserError("the last reply has no thought", hint="chat with --thinking (Gemma 4)")
+        return CommandResult(f"thinking: {session.last_thought}")
     if name == "/compare":
         return CommandResult("the next prompt will be answered by the base and the tuned model", compare_next=True)
     if name == "/system":

@@ -254,11 +254,12 @@ def show_data_report(r) -> None:
 # ---- chat / generate ---------------------------------------------------------------------------
 
 
-def stream_reply(parts, label: str = "") -> str:
+def stream_reply(parts, label: str = "", fold_thought: bool = False) -> str:
     """Show a reply as it streams, from ("thought" | "answer", text) and ("tool_call", call) pieces
-    (thinking.thought_and_answer, tools.calls_apart): on a terminal the thought dim, the answer as
-    live Markdown and each call on its own cyan line; otherwise plain lines, the thought on its own
-    `thinking:` line and each call on a `tool call:` line. Returns the answer's text."""
+    (thinking.thought_and_answer, tools.calls_apart): on a terminal the thought dim (with
+    fold_thought, folded to one line once the reply is complete: chat's /thought unfolds it), the
+    answer as live Markdown and each call on its own cyan line; otherwise plain lines, the thought on
+    its own `thinking:` line and each call on a `tool call:` line. Returns the answer's text."""
     import click
 
     from mlx_gemma_tune.tools import describe
@@ -280,6 +281,9 @@ def stream_reply(parts, label: str = "") -> str:
                     text += piece
                 shown = ([Text(thought, style="dim italic")] if thought else []) + [Markdown(text)] + calls
                 live.update(Group(*shown))
+            if thought and fold_thought:
+                folded = Text(f"▸ thought, {len(thought.split())} words (/thought shows it)", style="dim italic")
+                live.update(Group(folded, Markdown(text), *calls))
         return text
     kind_now = None
     for kind, piece in parts:

@@ -311,8 +311,9 @@ def test_generate_and_chat_show_the_thought_apart(thinking_run, hf_model):
     assert answer["thinking"] == "Because." and answer["answer"] == "Paris."
     plain = run_cli(["generate", thinking_run, "--prompt", "Baby cat?", *greedy])
     assert plain.exit_code == 0 and plain.stdout.splitlines() == ["thinking: Because.", "Paris."]
-    chat = run_cli(["chat", thinking_run, *greedy], input="Frozen water?\n/quit\n")
+    chat = run_cli(["chat", thinking_run, *greedy], input="Frozen water?\n/thought\n/quit\n")
     assert chat.exit_code == 0 and "thinking: Because.\nmodel: Paris." in chat.stdout
+    assert chat.stdout.count("thinking: Because.") == 2  # /thought shows the last thought again
     assert "<|channel>" not in chat.stdout + plain.stdout
     no_mode = run_cli(["generate", hf_model("gemma3_text"), "--prompt", "Hi", "--thinking"])
     assert_one_line_error(no_mode, "--thinking", "no thinking mode")
@@ -377,3 +378,22 @@ def test_a_streamed_thought_splits_the_same_wherever_the_pieces_break():
         for j in range(i, len(reply) + 1, 3):
             assert joined([reply[:i], reply[i:j], reply[j:]]) == want, (i, j)
     assert joined(["A plain ", "answer."]) == {"thought": "", "answer": "A plain answer."}
+
+
+def test_on_a_terminal_chat_folds_the_thought_once_the_reply_is_complete(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from mlx_gemma_tune import ui
+
+    screen = io.StringIO()
+    monkeypatch.setattr(ui, "out", Console(file=screen, force_terminal=True, width=100))
+    parts = [("thought", "It has no divisors "), ("thought", "but 1 and itself."), ("answer", ANSWER)]
+    assert ui.stream_reply(iter(parts), fold_thought=True) == ANSWER
+    last_frame = screen.getvalue().rsplit("\x1b[2K", 1)[-1]  # rich's Live rewrites its lines on every update
+    assert "thought, 8 words (/thought shows it)" in screen.getvalue()
+    assert "itself" not in last_frame
+    screen.truncate(0)
+    ui.stream_reply(iter(parts))  # generate: the thought stays open
+    assert "/thought" not in screen.getvalue() and "itself." in screen.getvalue()
