@@ -154,3 +154,24 @@ def give_lora_b_values(model, scale: float = 0.05) -> None:
 
     model.load_weights([(n, scale * mx.random.normal(p.shape)) for n, p in tree_flatten(model.trainable_parameters())
                         if n.endswith("lora_b")], strict=False)
+
+
+def chat_prompt_tokens(tok, messages: list[dict], thinking: bool = False, tools: list[dict] | None = None) -> list[int]:
+    """What `chat` / `generate` send for `messages`: ChatSession's own rendering, without a model."""
+    from mlx_gemma_tune.generate import ChatSession
+
+    session = ChatSession.__new__(ChatSession)
+    session.tokenizer, session.thinking, session.tools = tok, thinking, tools
+    return session.prompt_tokens(messages)
+
+
+def trained_runs(ex) -> list[tuple[int, int]]:
+    """(start, end) of every run of trained tokens of a data.Example."""
+    out, start = [], None
+    for i, m in enumerate([*ex.mask, False]):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            out.append((start, i))
+            start = None
+    return out

@@ -10,7 +10,8 @@ import json
 import pytest
 
 from fixtures.gemma_fixtures import FAMILIES, TEMPLATE
-from helpers import assert_one_line_error, run_cli
+from helpers import assert_one_line_error, chat_prompt_tokens, run_cli
+from helpers import trained_runs as _runs
 
 SYSTEM = "Answer in one word."
 TURNS = [("Name a dog.", "Rex."), ("Name a cat.", "Tom."), ("Name a bird.", "Tweety.")]
@@ -37,24 +38,7 @@ def _count(hf_model, family, text: str) -> int:
 
 
 def _prompt_tokens(tok, messages) -> list[int]:
-    """What `chat` / `generate` send for `messages` (ChatSession's own rendering)."""
-    from mlx_gemma_tune.generate import ChatSession
-
-    session = ChatSession.__new__(ChatSession)  # the rendering alone, without loading a model
-    session.tokenizer, session.thinking, session.tools = tok, False, None
-    return session.prompt_tokens(messages)
-
-
-def _runs(ex) -> list[tuple[int, int]]:
-    """(start, end) of every run of trained tokens."""
-    out, start = [], None
-    for i, m in enumerate([*ex.mask, False]):
-        if m and start is None:
-            start = i
-        elif not m and start is not None:
-            out.append((start, i))
-            start = None
-    return out
+    return chat_prompt_tokens(tok, messages)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from fixtures.gemma_fixtures import TEMPLATE
-from helpers import assert_one_line_error, run_cli
+from helpers import assert_one_line_error, chat_prompt_tokens, run_cli, trained_runs
 
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city.",
@@ -42,27 +42,6 @@ def _tokenizer(hf_model, family):
     return load_tokenizer(hf_model(family))
 
 
-def _prompt_tokens(tok, messages, thinking: bool) -> list[int]:
-    """What `chat --tools` sends for `messages` (ChatSession's own rendering, tools declared)."""
-    from mlx_gemma_tune.generate import ChatSession
-
-    session = ChatSession.__new__(ChatSession)  # the rendering alone, without loading a model
-    session.tokenizer, session.thinking, session.tools = tok, thinking, TOOLS
-    return session.prompt_tokens(messages)
-
-
-def _trained(ex) -> list[tuple[int, int]]:
-    """(start, end) of every run of trained tokens."""
-    out, start = [], None
-    for i, m in enumerate([*ex.mask, False]):
-        if m and start is None:
-            start = i
-        elif not m and start is not None:
-            out.append((start, i))
-            start = None
-    return out
-
-
 @pytest.mark.parametrize("thinking", [False, True], ids=["thinking-off", "thinking-on"])
 @pytest.mark.parametrize("family", ["gemma4_edge", "gemma4_dense", "gemma4_moe"])
 def test_calls_and_answers_train_tool_results_never(family, thinking, hf_model):
@@ -81,7 +60,7 @@ def test_calls_and_answers_train_tool_results_never(family, thinking, hf_model):
     examples = data.encode_conversation(tok, msgs, "tools.jsonl:1", tools=TOOLS)
     # one sequence where every turn renders as its prompt + answer (E2B/E4B, thinking off), else one per turn
     assert len(examples) == (1 if TEMPLATE[family] == "gemma4" and not thinking else 4)
-    runs = [(ex, run) for ex in examples for run in _trained(ex)]
+    runs = [(ex, run) for ex in examples for run in trained_runs(ex)]
     assert len(runs) == 4
     eot = "<turn|>\n"
     if thinking:
@@ -93,7 +72,7 @@ def test_calls_and_answers_train_tool_results_never(family, thinking, hf_model):
         want = [CALL, "It is 18 degrees." + eot, "Tom." + eot, "Tweety." + eot]
     for k, ((ex, (start, end)), i) in enumerate(zip(runs, answers)):
         history = [{kk: v for kk, v in m.items() if kk != "reasoning_content"} for m in msgs[:i]]
-        assert ex.tokens[:start] == _prompt_tokens(tok, history, thinking), (family, k)
+        assert ex.tokens[:start] == chat_prompt_tokens(tok, history, thinking, TOOLS), (family, k)
         assert hf.decode(ex.tokens[start:end]) == want[k], (family, k)
     for ex in examples:  # the tool's result is context, never a target
         trained = hf.decode([t for t, m in zip(ex.tokens, ex.mask) if m])
