@@ -20,6 +20,13 @@ Gemma 3n (`gemma3n`, and `gemma3n_text` which mlx-lm does not know):
     all-zero row (a run of zero <pad> embeddings longer than the sliding window) has
     std 0, whose gradient is inf * 0 = NaN. Fix: std = sqrt(max(var, 1e-12)), equal
     to the original wherever the variance is not vanishing.
+
+Gemma 3 (`gemma3_text`, and the text model inside `gemma3`):
+  * The embeddings are scaled by sqrt(hidden_size) rounded to bfloat16 whatever the model's
+    dtype (25.25 instead of 25.298 for the 270M's hidden 640); transformers rounds the scale
+    to the weights' dtype (Gemma3TextScaledWordEmbedding), so float32 models disagreed by up
+    to 0.29 in logits. Fix: the scale in the embeddings' dtype. (Exact in bfloat16 already,
+    and at the fixtures' hidden 64, whose square root is 8.)
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ OVERRIDDEN_SOURCE_SHA256 = {
     "mlx_lm.models.gemma3n.LanguageModel.__call__": "5db8a11a0416d7554bd66b22118aa354a0b449b3767333e25e76fdf1772991f0",
     "mlx_lm.models.gemma3n.MLP.__call__": "ddd94c5780f459cc756baa25d6ad311c54834630927f3481c0aa69bcfb65f8ee",
     "mlx_lm.models.gemma3n.gelu_topk": "eb6974558c7fbe0f2dddd4c46d6d87524127efa67414090e55f1c55221d94b8d",
+    "mlx_lm.models.gemma3_text.Gemma3Model.__call__": "e65de4285bbd483539024393fa63f30974a7a05b1f551a53ff5b4196c9889653",
 }
 ALTUP_EPS = 1e-5  # transformers' Gemma3nTextModel clamps mean(x^2) here
 TOPK_VAR_EPS = 1e-12
@@ -143,8 +151,36 @@ def _fix_gemma3n(model) -> None:
         layer.mlp.__class__ = _gemma3n_mlp_class()
 
 
+@functools.cache
+def _gemma3_text_model_class():
+    import mlx.core as mx
+    from mlx_lm.models import gemma3_text
+    from mlx_lm.models.base import create_attention_mask
+
+    class Gemma3Model(gemma3_text.Gemma3Model):
+        """mlx-lm's Gemma 3 text model with the embedding scale in the embeddings' dtype."""
+
+        def __call__(self, inputs, cache=None, input_embeddings=None):
+            h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
+            h = h * mx.array(self.args.hidden_size**0.5, dtype=h.dtype)  # transformers: scale.to(weight.dtype)
+            cache = cache if cache is not None else [None] * len(self.layers)
+            pattern = self.sliding_window_pattern
+            global_mask = create_attention_mask(h, cache[pattern - 1])
+            sliding_mask = create_attention_mask(h, cache[0], window_size=self.window_size) if pattern > 1 else None
+            for i, (layer, c) in enumerate(zip(self.layers, cache)):
+                h = layer(h, global_mask if i % pattern == pattern - 1 else sliding_mask, c)
+            return self.norm(h)
+
+    return Gemma3Model
+
+
+def _fix_gemma3_text(model) -> None:
+    inner = model.language_model.model if hasattr(model, "language_model") else model.model
+    inner.__class__ = _gemma3_text_model_class()
+
+
 # model_type (as mlx-lm builds it) -> fixes applied to every loaded model of that type
-FIXES = {"gemma3n": (_fix_gemma3n,)}
+FIXES = {"gemma3n": (_fix_gemma3n,), "gemma3_text": (_fix_gemma3_text,), "gemma3": (_fix_gemma3_text,)}
 
 
 def apply_fixes(model) -> list[str]:

@@ -60,17 +60,19 @@ def test_no_cache_equals_cache_equals_transformers(family, hf_model):
 
 def test_gemma3n_override_is_pinned(hf_model):
     """Fails when mlx-lm changes underneath: re-check (or drop) the override then."""
+    import importlib
+
     import mlx.core as mx
-    from mlx_lm.models import gemma3n
     from mlx_lm.models.cache import make_prompt_cache
     from mlx_lm.utils import load_model as stock_load
 
     from mlx_gemma_tune import models
 
-    assert len(models.OVERRIDDEN_SOURCE_SHA256) == 3
+    assert len(models.OVERRIDDEN_SOURCE_SHA256) == 4
     for name, digest in models.OVERRIDDEN_SOURCE_SHA256.items():
-        obj = gemma3n
-        for part in name.removeprefix("mlx_lm.models.gemma3n.").split("."):
+        module, _, path = name.partition(".models.")[2].partition(".")
+        obj = importlib.import_module(f"mlx_lm.models.{module}")
+        for part in path.split("."):
             obj = getattr(obj, part)
         src = inspect.getsource(obj)
         assert hashlib.sha256(src.encode()).hexdigest() == digest, f"mlx-lm changed {name}: re-check the override"
@@ -79,11 +81,11 @@ def test_gemma3n_override_is_pinned(hf_model):
     x = mx.array([TOKENS_24])
     gap = float(mx.abs(stock(x) - stock(x, cache=make_prompt_cache(stock))).max())
     assert gap > 1e-2, "mlx-lm now shares KV without a cache: the override may be obsolete"
-    # ... and ours is the fixed class, registered for gemma3n only.
+    # ... and ours is the fixed class; fixes are registered for Gemma 3n and Gemma 3 only.
     ours, _ = models.load_model(hf_model("gemma3n"))
     assert type(ours.model.language_model).__module__ == "mlx_gemma_tune.models"
     assert all(type(layer.mlp).__module__ == "mlx_gemma_tune.models" for layer in ours.layers)
-    assert set(models.FIXES) == {"gemma3n"}
+    assert set(models.FIXES) == {"gemma3n", "gemma3_text", "gemma3"}
 
 
 def _zero_pad_row_copy(hf_model, tmp_path) -> Path:
