@@ -228,3 +228,7 @@ def export(run_or_fused, fmt, out, dtype, outtype, ollama, verify, base, force, 
         ui.print_json(result.to_dict())
     else:
         ui.show_export(result)
+    if getattr(result, "verify_passed", None) is False:
+        raise UserError(f"--verify: FAIL, transformers' logits differ from MLX's by {result.verified_max_diff:.2e}, "
+                        f"more than float32 rounding explains ({result.verify_threshold:.2e})", where=result.output,
+                        hint="the export is written but does not compute what the run does: please report this")

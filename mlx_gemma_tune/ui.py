@@ -356,7 +356,10 @@ def show_export(r) -> None:
         out.print("Restored from " + r.source + ": " + ", ".join(f"{k} ({n})" for k, n in sorted(r.restored.items())),
                   soft_wrap=True)
     if r.verified_max_diff is not None:
-        out.print(f"Verified with transformers: max |logit difference| {r.verified_max_diff:.2e}")
+        verdict = "[green]PASS[/]" if r.verify_passed else "[red]FAIL[/]"
+        out.print(f"Verify with transformers: {verdict} max |logit difference| {r.verified_max_diff:.2e} "
+                  f"{'<=' if r.verify_passed else '>'} {r.verify_threshold:.2e} (float32 rounding; "
+                  f"{r.verify_tokens} tokens of text, weights in {r.dtype})", soft_wrap=True)
 
 
 def show_quickstart(r) -> None:

@@ -213,7 +213,7 @@ def test_export_from_a_fused_model_and_verify(runs, tmp_path):
     res = run_cli(["export", tmp_path / "fused", "--format", "hf", "-o", tmp_path / "hf", "--verify", "--json"])
     assert res.exit_code == 0, res.output
     result = json.loads(res.stdout)
-    assert result["verified_max_diff"] < 1e-4
+    assert result["verify_passed"] and result["verified_max_diff"] < 1e-4
     assert result["restored"] == {"embed_vision": 1, "vision_tower": 15}
     with_dtype = run_cli(["export", tmp_path / "fused", "--format", "hf", "-o", tmp_path / "bf16", "--dtype",
                           "bfloat16", "--json"])
@@ -286,4 +286,35 @@ def test_peft_refuses_expert_adapters(hf_model, tmp_path):
     # ... while a merged Hugging Face checkpoint of the same run works.
     ok = run_cli(["export", tmp_path / "run", "--format", "hf", "-o", tmp_path / "h", "--verify", "--json"])
     assert ok.exit_code == 0, ok.output
-    assert json.loads(ok.stdout)["verified_max_diff"] < 1e-4
+    assert json.loads(ok.stdout)["verify_passed"] and json.loads(ok.stdout)["verified_max_diff"] < 1e-4
+
+
+def test_verify_passes_a_good_export_and_fails_a_corrupted_one(runs, tmp_path, monkeypatch):
+    """--verify says PASS or FAIL against a threshold from float32 rounding and the logit scale, and a
+    wrong export (two layers' MLP output weights swapped: a classic mapping bug) exits 1."""
+    from mlx_gemma_tune import export
+
+    run = runs("gemma3_text", "lora")
+    good = run_cli(["export", run, "--format", "hf", "-o", tmp_path / "good", "--verify"])
+    assert good.exit_code == 0, good.output
+    [line] = [x for x in good.stdout.splitlines() if x.startswith("Verify with transformers")]
+    assert "PASS" in line and "tokens of text" in line
+    as_json = run_cli(["export", run, "--format", "hf", "-o", tmp_path / "good2", "--verify", "--json"])
+    result = json.loads(as_json.stdout)
+    assert result["verify_passed"] is True and result["verified_max_diff"] <= result["verify_threshold"] < 1e-2
+    assert result["verify_tokens"] > 20  # the text, not a handful of ids
+
+    real = export.to_hf_tensors
+
+    def swapped(model_type, tensors):
+        out = real(model_type, tensors)
+        a, b = (f"model.layers.{i}.mlp.down_proj.weight" for i in (0, 1))
+        out[a], out[b] = out[b], out[a]
+        return out
+
+    monkeypatch.setattr(export, "to_hf_tensors", swapped)
+    bad = run_cli(["export", run, "--format", "hf", "-o", tmp_path / "bad", "--verify", "--json"])
+    assert bad.exit_code == 1
+    result = json.loads(bad.stdout)
+    assert result["verify_passed"] is False and result["verified_max_diff"] > 10 * result["verify_threshold"]
+    assert "--verify: FAIL" in bad.stderr and str(tmp_path / "bad") in bad.stderr
