@@ -170,6 +170,7 @@ class ExportResult:
     verify_threshold: float | None = None  # --verify: the largest difference float32 rounding explains
     verify_passed: bool | None = None
     verify_tokens: int | None = None
+    verify_base_max_diff: float | None = None  # --verify: the same check on the source checkpoint (no adapter)
     size_bytes: int = 0
     seconds: float = 0.0
 
@@ -245,6 +246,12 @@ def export_hf(run_or_fused: str, out: str, *, dtype: str | None = None, base: st
         check = verify_hf(out_p, merged.model, target)
         result.verified_max_diff, result.verify_threshold = check.max_diff, check.threshold
         result.verify_passed, result.verify_tokens = check.passed, check.tokens
+        say("Verifying the base model the same way, for scale")
+        from mlx_gemma_tune import models
+
+        base_model, _ = models.load_model(merged.source)
+        result.verify_base_max_diff = verify_hf(merged.source, base_model,
+                                                _config_dtype(source_config) or "float32").max_diff
     result.seconds = round(time.monotonic() - started, 2)
     return result
 

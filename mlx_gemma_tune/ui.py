@@ -359,7 +359,8 @@ def show_export(r) -> None:
         verdict = "[green]PASS[/]" if r.verify_passed else "[red]FAIL[/]"
         out.print(f"Verify with transformers: {verdict} max |logit difference| {r.verified_max_diff:.2e} "
                   f"{'<=' if r.verify_passed else '>'} {r.verify_threshold:.2e} (float32 rounding; "
-                  f"{r.verify_tokens} tokens of text, weights in {r.dtype})", soft_wrap=True)
+                  f"{r.verify_tokens} tokens of text, weights in {r.dtype}; the base model alone: "
+                  f"{r.verify_base_max_diff:.2e})", soft_wrap=True)
 
 
 def show_quickstart(r) -> None:

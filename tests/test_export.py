@@ -298,7 +298,7 @@ def test_verify_passes_a_good_export_and_fails_a_corrupted_one(runs, tmp_path, m
     good = run_cli(["export", run, "--format", "hf", "-o", tmp_path / "good", "--verify"])
     assert good.exit_code == 0, good.output
     [line] = [x for x in good.stdout.splitlines() if x.startswith("Verify with transformers")]
-    assert "PASS" in line and "tokens of text" in line
+    assert "PASS" in line and "tokens of text" in line and "the base model alone" in line
     as_json = run_cli(["export", run, "--format", "hf", "-o", tmp_path / "good2", "--verify", "--json"])
     result = json.loads(as_json.stdout)
     assert result["verify_passed"] is True and result["verified_max_diff"] <= result["verify_threshold"] < 1e-2
@@ -317,4 +317,5 @@ def test_verify_passes_a_good_export_and_fails_a_corrupted_one(runs, tmp_path, m
     assert bad.exit_code == 1
     result = json.loads(bad.stdout)
     assert result["verify_passed"] is False and result["verified_max_diff"] > 10 * result["verify_threshold"]
+    assert result["verify_base_max_diff"] <= result["verify_threshold"]  # the base is fine: the export is wrong
     assert "--verify: FAIL" in bad.stderr and str(tmp_path / "bad") in bad.stderr
