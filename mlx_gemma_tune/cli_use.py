@@ -51,6 +51,16 @@ def _open_session(model_or_run, adapter, system, thinking, tools_file, temp, top
                             sampling=sampling, thinking=thinking, tools=tools)
 
 
+def _readable(session, text: str) -> str:
+    """A whole reply as /compare shows it: the answer without its thought, each tool call on a line."""
+    from mlx_gemma_tune import ui
+    from mlx_gemma_tune.thinking import split
+    from mlx_gemma_tune.tools import split_calls
+
+    answer = split(text)[1].strip()
+    return ui.with_calls(*split_calls(answer)) if session.tools else answer
+
+
 def _reply_parts(pieces):
     """A streamed reply as ui.stream_reply shows it: thought, answer and tool calls apart."""
     from mlx_gemma_tune.thinking import thought_and_answer
@@ -72,7 +82,6 @@ def chat(model_or_run, adapter, system, thinking, tools_file, temp, top_k, top_p
     """
     from mlx_gemma_tune import ui
     from mlx_gemma_tune.generate import run_command
-    from mlx_gemma_tune.thinking import split
 
     with ui.status("Loading the model" + (" and its towers" if images or audio else "")):
         session = _open_session(model_or_run, adapter, system, thinking, tools_file, temp, top_k, top_p, min_p,
@@ -99,16 +108,16 @@ def chat(model_or_run, adapter, system, thinking, tools_file, temp, top_k, top_p
             if compare_next:
                 compare_next = False
                 base, tuned = session.compare(line, pending, pending_audio)
-                ui.show_compare(line, split(base)[1].strip(), split(tuned)[1].strip())  # answers, not thoughts
+                ui.show_compare(line, _readable(session, base), _readable(session, tuned))
             else:
                 ui.stream_reply(_reply_parts(session.reply(line, pending, pending_audio)), label="model",
                                 fold_thought=True)
-                while session.pending_calls:  # the model called tools: their results, then it goes on
-                    name = session.pending_calls[0]["function"]["name"]
-                    session.add_tool_result(click.prompt(f"result of {name}", prompt_suffix="> ", default="",
-                                                         show_default=False))
-                    if not session.pending_calls:
-                        ui.stream_reply(_reply_parts(session.resume()), label="model", fold_thought=True)
+            while session.pending_calls:  # the (tuned) model called tools: their results, then it goes on
+                name = session.pending_calls[0]["function"]["name"]
+                session.add_tool_result(click.prompt(f"result of {name}", prompt_suffix="> ", default="",
+                                                     show_default=False))
+                if not session.pending_calls:
+                    ui.stream_reply(_reply_parts(session.resume()), label="model", fold_thought=True)
             pending, pending_audio = [], []
             ui.chat_footer(session.stats)
         except UserError as exc:  # a bad command or value: say so, keep chatting

@@ -286,8 +286,7 @@ class ChatSession:
             base = "".join(self.stream(messages)).strip()
         finally:
             self.enable_adapter()
-        tuned = "".join(self.reply(text, images, audio)).strip()
-        self.pending_calls = []  # a one-prompt comparison: the calls are shown, not answered
+        tuned = "".join(self.reply(text, images, audio)).strip()  # its tool calls wait in pending_calls
         return base, tuned
 
     def transcript(self) -> dict:

@@ -231,6 +231,11 @@ def test_generate_and_chat_show_calls_apart_and_chat_takes_the_result(tool_run, 
     assert row["messages"][2]["content"] == RESULT and row["messages"][3]["content"] == "Sunny."
     check = run_cli(["data", "check", saved, "--model", hf_model("gemma4_edge"), "--json"])
     assert check.exit_code == 0 and json.loads(check.stdout)["tool_use"] == 1
+    # /compare: both answers with their calls as lines; the tuned model's call then takes its result
+    compare = run_cli(["chat", run, *greedy], input=f"/compare\nWeather in Oslo?\n{RESULT}\n/quit\n")
+    assert compare.exit_code == 0, compare.output
+    assert 'tuned: tool call: get_weather(city="Paris")' in compare.stdout
+    assert "result of get_weather> " in compare.stdout and "model: Sunny." in compare.stdout
 
 
 def test_tools_on_a_model_without_a_tool_format_or_a_bad_file_is_one_line(hf_model, tool_run, tmp_path):
