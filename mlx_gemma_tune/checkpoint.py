@@ -217,3 +217,22 @@ def combined_hash(files: list[WeightFile]) -> str:
 
 def has_tokenizer(model_dir: Path) -> bool:
     return (model_dir / "tokenizer.json").is_file() or (model_dir / "tokenizer.model").is_file()
+
+
+def source_of(model_dir: Path, base_override: str | None = None) -> Path:
+    """The original Hugging Face checkpoint behind an MLX model directory: `base_override` when given,
+    else the source recorded in its provenance.json at convert time, else the directory itself (a
+    Hugging Face directory used directly as a base). Raises InputError when the one it names is gone."""
+    if base_override:
+        p = Path(base_override).expanduser()
+        if not (p / "config.json").is_file():
+            raise InputError("is not a Hugging Face model directory (no config.json)", where=str(p))
+        return p
+    prov = model_dir / "provenance.json"
+    if prov.is_file():
+        recorded = Path(json.loads(prov.read_text())["source"]["path"])
+        if not (recorded / "config.json").is_file():
+            raise InputError(f"the source checkpoint recorded at convert time is missing: {recorded}",
+                             where=str(prov), hint="if it moved, pass its new location with --base PATH")
+        return recorded
+    return model_dir  # a Hugging Face directory used directly as the base

@@ -11,8 +11,8 @@ import sys
 
 import click
 
-from mlx_gemma_tune import __version__
 from mlx_gemma_tune.errors import UserError
+from mlx_gemma_tune.version import VERSION
 
 
 class App(click.Group):
@@ -65,7 +65,7 @@ class App(click.Group):
 
 
 @click.group(cls=App, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(__version__, prog_name="mlx-gemma-tune")
+@click.version_option(VERSION, prog_name="mlx-gemma-tune")
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
 def cli(debug: bool) -> None:
     """Fine-tune Gemma 3n and Gemma 4 on a Mac with MLX.
@@ -221,7 +221,7 @@ def train(recipe, model, data, out, sets, quantize, mask_prompt, resume, force, 
       mlx-gemma-tune train --resume runs/gemma4-e2b-lora-20261123-101500
       mlx.launch --hostfile hosts.json -- mlx-gemma-tune train gemma4-e2b-lora --data my.jsonl --distributed
     """
-    from mlx_gemma_tune import distributed, ui
+    from mlx_gemma_tune import distributed, ui, ui_train
     from mlx_gemma_tune.session import prepare_run
     from mlx_gemma_tune.trainer import run
 
@@ -245,7 +245,7 @@ def train(recipe, model, data, out, sets, quantize, mask_prompt, resume, force, 
             ui.err.print(f"note: {prepared.notes[key]} {what}", soft_wrap=True)
     if resume and prepared.resume_from is None:
         ui.err.print("note: the run has no complete checkpoint yet; it starts again from step 0", soft_wrap=True)
-    with ui.TrainDashboard(console=ui.err if as_json else None) as dashboard:
+    with ui_train.TrainDashboard(console=ui.err if as_json else None) as dashboard:
         summary = run(prepared, callback=dashboard)
     hint = None
     if summary.interrupted:
@@ -256,7 +256,7 @@ def train(recipe, model, data, out, sets, quantize, mask_prompt, resume, force, 
         if hint:
             click.echo(hint, err=True)
     else:
-        ui.show_train_summary(summary, hint)
+        ui_train.show_train_summary(summary, hint)
     if summary.interrupted:
         sys.exit(130)
 
@@ -352,11 +352,11 @@ def data_check(path, model, max_seq_length, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def quickstart(model, steps, eval_rows, show, out, force, as_json):
     """Watch a real Gemma learn a task offline: before/after answers, accuracy, fused and exported outputs."""
-    from mlx_gemma_tune import ui
+    from mlx_gemma_tune import ui, ui_train
     from mlx_gemma_tune.quickstart import run_quickstart
 
     # Stage lines rather than a spinner: the training dashboard needs the screen to itself.
-    with ui.TrainDashboard(console=ui.err if as_json else None) as dashboard:
+    with ui_train.TrainDashboard(console=ui.err if as_json else None) as dashboard:
         result = run_quickstart(out, model=model, steps=steps, eval_rows=eval_rows, show=show, force=force,
                                 progress=ui.stage, train_callback=dashboard)
     if as_json:
@@ -365,8 +365,11 @@ def quickstart(model, steps, eval_rows, show, out, force, as_json):
         ui.show_quickstart(result)
 
 
-# chat, generate, fuse and export live in cli_use.py; importing it registers them on `cli`.
-from mlx_gemma_tune import cli_use  # noqa: F401
+# chat, generate, fuse and export live in cli_use.py
+from mlx_gemma_tune import cli_use
+
+for _command in cli_use.COMMANDS:
+    cli.add_command(_command)
 
 
 def main() -> None:

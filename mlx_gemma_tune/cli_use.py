@@ -1,14 +1,13 @@
 """CLI commands that use and ship a tuned model: chat, generate, fuse, export.
 
-Registered on the `cli` group of cli.py (which imports this module); same rules: parse, call one
-library function, show the result through ui.
+cli.py adds COMMANDS to its `cli` group; same rules: parse, call one library function, show the result
+through ui.
 """
 
 from __future__ import annotations
 
 import click
 
-from mlx_gemma_tune.cli import cli
 from mlx_gemma_tune.errors import UserError
 
 
@@ -53,23 +52,23 @@ def _open_session(model_or_run, adapter, system, thinking, tools_file, temp, top
 
 def _readable(session, text: str) -> str:
     """A whole reply as /compare shows it: the answer without its thought, each tool call on a line."""
-    from mlx_gemma_tune import ui
+    from mlx_gemma_tune import ui_chat
     from mlx_gemma_tune.thinking import split
     from mlx_gemma_tune.tools import split_calls
 
     answer = split(text)[1].strip()
-    return ui.with_calls(*split_calls(answer)) if session.tools else answer
+    return ui_chat.with_calls(*split_calls(answer)) if session.tools else answer
 
 
 def _reply_parts(pieces):
-    """A streamed reply as ui.stream_reply shows it: thought, answer and tool calls apart."""
+    """A streamed reply as ui_chat.stream_reply shows it: thought, answer and tool calls apart."""
     from mlx_gemma_tune.thinking import thought_and_answer
     from mlx_gemma_tune.tools import calls_apart
 
     return calls_apart(thought_and_answer(pieces))
 
 
-@cli.command()
+@click.command()
 @click.argument("model_or_run")
 @sampling_options
 def chat(model_or_run, adapter, system, thinking, tools_file, temp, top_k, top_p, min_p, max_tokens, seed, images,
@@ -80,14 +79,14 @@ def chat(model_or_run, adapter, system, thinking, tools_file, temp, top_k, top_p
     /topp, /max, /reset, /save FILE, /quit. With --image / --audio, they go with your first message.
     With --tools, when the model calls a tool you type its result and the model goes on.
     """
-    from mlx_gemma_tune import ui
-    from mlx_gemma_tune.generate import run_command
+    from mlx_gemma_tune import ui, ui_chat
+    from mlx_gemma_tune.chat_commands import run_command
 
     with ui.status("Loading the model" + (" and its towers" if images or audio else "")):
         session = _open_session(model_or_run, adapter, system, thinking, tools_file, temp, top_k, top_p, min_p,
                                 max_tokens, seed, images, audio)
     pending, pending_audio = list(images), list(audio)
-    ui.chat_note(f"model {session.base_path}" + (f" + adapter {session.adapter}" if session.adapter else "")
+    ui_chat.chat_note(f"model {session.base_path}" + (f" + adapter {session.adapter}" if session.adapter else "")
                  + " — /help for commands, /quit to leave")
     compare_next = False
     while True:
@@ -103,28 +102,28 @@ def chat(model_or_run, adapter, system, thinking, tools_file, temp, top_k, top_p
                 if result.quit:
                     break
                 compare_next = compare_next or result.compare_next
-                ui.chat_note(result.message)
+                ui_chat.chat_note(result.message)
                 continue
             if compare_next:
                 compare_next = False
                 base, tuned = session.compare(line, pending, pending_audio)
-                ui.show_compare(line, _readable(session, base), _readable(session, tuned))
+                ui_chat.show_compare(line, _readable(session, base), _readable(session, tuned))
             else:
-                ui.stream_reply(_reply_parts(session.reply(line, pending, pending_audio)), label="model",
+                ui_chat.stream_reply(_reply_parts(session.reply(line, pending, pending_audio)), label="model",
                                 fold_thought=True)
             while session.pending_calls:  # the (tuned) model called tools: their results, then it goes on
                 name = session.pending_calls[0]["function"]["name"]
                 session.add_tool_result(click.prompt(f"result of {name}", prompt_suffix="> ", default="",
                                                      show_default=False))
                 if not session.pending_calls:
-                    ui.stream_reply(_reply_parts(session.resume()), label="model", fold_thought=True)
+                    ui_chat.stream_reply(_reply_parts(session.resume()), label="model", fold_thought=True)
             pending, pending_audio = [], []
-            ui.chat_footer(session.stats)
+            ui_chat.chat_footer(session.stats)
         except UserError as exc:  # a bad command or value: say so, keep chatting
-            ui.chat_error(exc.one_line())
+            ui_chat.chat_error(exc.one_line())
 
 
-@cli.command()
+@click.command()
 @click.argument("model_or_run")
 @click.option("--prompt", default=None, help="The prompt.")
 @click.option("--prompts", "prompts_file", default=None, type=click.Path(dir_okay=False),
@@ -138,7 +137,7 @@ def generate(model_or_run, prompt, prompts_file, compare, as_json, adapter, syst
 
     With --tools, a tool call the model makes is shown (and in --json, its own field); it is not run.
     """
-    from mlx_gemma_tune import ui
+    from mlx_gemma_tune import ui, ui_chat
     from mlx_gemma_tune.generate import generate_answers, read_prompts
 
     if (prompt is None) == (prompts_file is None):
@@ -151,8 +150,8 @@ def generate(model_or_run, prompt, prompts_file, compare, as_json, adapter, syst
     if compare and session.adapter is None:
         raise UserError("--compare needs an adapter", hint="pass --adapter DIR or a run directory")
     if not as_json and not compare and len(prompts) == 1:
-        ui.stream_reply(_reply_parts(session.reply(prompts[0], images, audio)))
-        ui.chat_footer(session.stats)
+        ui_chat.stream_reply(_reply_parts(session.reply(prompts[0], images, audio)))
+        ui_chat.chat_footer(session.stats)
         return
     answers = generate_answers(session, prompts, compare, images, audio)
     if as_json:
@@ -160,14 +159,14 @@ def generate(model_or_run, prompt, prompts_file, compare, as_json, adapter, syst
         return
     for a in answers:
         if compare:
-            ui.show_compare(a.prompt, ui.with_calls(a.base, a.base_tool_calls), ui.with_calls(a.answer, a.tool_calls))
+            ui_chat.show_compare(a.prompt, ui_chat.with_calls(a.base, a.base_tool_calls), ui_chat.with_calls(a.answer, a.tool_calls))
         else:
             thought = f"thinking: {a.thinking}\n" if a.thinking else ""
-            ui.out.print(f"prompt: {a.prompt}\n{thought}answer: {ui.with_calls(a.answer, a.tool_calls)}",
+            ui.out.print(f"prompt: {a.prompt}\n{thought}answer: {ui_chat.with_calls(a.answer, a.tool_calls)}",
                          soft_wrap=True, markup=False)
 
 
-@cli.command()
+@click.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="Where to write the fused MLX model.")
 @click.option("--dequantize", "mode", flag_value="dequantize", default=True,
@@ -194,7 +193,7 @@ def fuse(run_dir, out, mode, group_size, base, force, as_json):
         ui.show_fuse(result)
 
 
-@cli.command()
+@click.command()
 @click.argument("run_or_fused", type=click.Path(file_okay=False))
 @click.option("--format", "fmt", type=click.Choice(["hf", "peft", "gguf"]), required=True,
               help="hf: a transformers checkpoint of the original class; peft: a PEFT LoRA/DoRA adapter; "
@@ -241,3 +240,6 @@ def export(run_or_fused, fmt, out, dtype, outtype, ollama, verify, base, force, 
         raise UserError(f"--verify: FAIL, transformers' logits differ from MLX's by {result.verified_max_diff:.2e}, "
                         f"more than float32 rounding explains ({result.verify_threshold:.2e})", where=result.output,
                         hint="the export is written but does not compute what the run does: please report this")
+
+
+COMMANDS = (chat, generate, fuse, export)

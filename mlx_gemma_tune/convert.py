@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from mlx_gemma_tune import __version__, checkpoint, families, fsio
+from mlx_gemma_tune import checkpoint, families, fsio
 from mlx_gemma_tune.errors import InputError, UserError
+from mlx_gemma_tune.version import VERSION
 
 PROVENANCE_FILE = "provenance.json"
 DTYPES = ("bfloat16", "float16", "float32")
@@ -137,7 +138,7 @@ def convert(
 def _provenance(source, files, config: dict, detected, conversion: dict) -> dict:
     return {
         "tool": "mlx-gemma-tune",
-        "tool_version": __version__,
+        "tool_version": VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "source": {
             "path": str(source.path),
@@ -305,11 +306,20 @@ def cache_dir() -> Path:
 
 
 def ensure_base(src: str, quantize: int | None = None, progress: Progress | None = None) -> Path:
-    """A loadable base model directory for training.
+    """A loadable base model directory for training (base_dir_for), converted into the cache first
+    when it is not there yet."""
+    out = base_dir_for(src, quantize)
+    if out == Path(src).expanduser() or (out / PROVENANCE_FILE).is_file():
+        return out
+    convert(src, out, quantize=quantize, force=True, progress=progress)
+    return out
 
-    A local directory is used as it is unless it must be quantized first; a hub id, or a
-    base to quantize on the fly (QLoRA), is converted once into the cache and reused.
-    """
+
+def base_dir_for(src: str, quantize: int | None = None) -> Path:
+    """Where the base model for (src, quantize) lives, without converting anything: a local directory
+    as it is unless it must be quantized first; else a directory of the cache keyed by the source
+    (a hub id, or a local checkpoint's path, sizes and times) and the quantization. Raises UserError
+    for a base that is already quantized to other bits."""
     import hashlib
     import json as _json
 
@@ -329,8 +339,4 @@ def ensure_base(src: str, quantize: int | None = None, progress: Progress | None
         stamp = [src]
     key = hashlib.sha256(_json.dumps(stamp + [quantize]).encode()).hexdigest()[:16]
     name = Path(src).name or "model"
-    out = cache_dir() / "models" / f"{name}-{f'{quantize}bit' if quantize else 'mlx'}-{key}"
-    if (out / PROVENANCE_FILE).is_file():
-        return out
-    convert(src, out, quantize=quantize, force=True, progress=progress)
-    return out
+    return cache_dir() / "models" / f"{name}-{f'{quantize}bit' if quantize else 'mlx'}-{key}"

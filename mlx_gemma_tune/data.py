@@ -41,9 +41,6 @@ from mlx_gemma_tune.families import END_OF_TURN
 REFUSED_HINT = ("make the row a conversation the model's template accepts (e.g. merge consecutive user turns, "
                 "start with a user turn)")
 
-ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant",
-                "model": "assistant", "gpt": "assistant", "bot": "assistant", "tool": "tool"}
-
 
 @dataclass
 class Example:

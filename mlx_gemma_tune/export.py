@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mlx_gemma_tune import checkpoint, families, fsio
-from mlx_gemma_tune.errors import InputError, UserError
+from mlx_gemma_tune.errors import UserError
 
 Progress = Callable[[str], None]
 
@@ -34,7 +34,9 @@ NOT_COPIED = ("config.json", "model.safetensors.index.json", "provenance.json")
 NOT_COPIED_SUFFIXES = (".safetensors", ".py", ".bin", ".pt", ".pth", ".gguf", ".pkl", ".ckpt", ".msgpack", ".h5")
 
 
-def _prefixes(model_type: str):
+def hf_prefixes(model_type: str) -> list[tuple[str, str]]:
+    """(MLX key prefix, Hugging Face key prefix) pairs of a model type; UserError for a type without an
+    export mapping."""
     if model_type not in KEY_PREFIXES:
         raise UserError(f"export to Hugging Face is not supported for model_type '{model_type}'",
                         hint="supported: " + ", ".join(KEY_PREFIXES))
@@ -42,14 +44,14 @@ def _prefixes(model_type: str):
 
 
 def to_hf_key(model_type: str, key: str) -> str:
-    for mlx, hf in _prefixes(model_type):
+    for mlx, hf in hf_prefixes(model_type):
         if key.startswith(mlx):
             return hf + key[len(mlx):]
     return key
 
 
 def to_mlx_key(model_type: str, key: str) -> str:
-    for mlx, hf in _prefixes(model_type):
+    for mlx, hf in hf_prefixes(model_type):
         if key.startswith(hf) and not key.startswith(mlx):
             return mlx + key[len(hf):]
     return key
@@ -105,23 +107,6 @@ class Merged:
     base: Path
 
 
-def _source_of(model_dir: Path, base_override: str | None) -> Path:
-    """The original Hugging Face checkpoint behind an MLX model directory."""
-    if base_override:
-        p = Path(base_override).expanduser()
-        if not (p / "config.json").is_file():
-            raise InputError("is not a Hugging Face model directory (no config.json)", where=str(p))
-        return p
-    prov = model_dir / "provenance.json"
-    if prov.is_file():
-        recorded = Path(json.loads(prov.read_text())["source"]["path"])
-        if not (recorded / "config.json").is_file():
-            raise InputError(f"the source checkpoint recorded at convert time is missing: {recorded}",
-                             where=str(prov), hint="if it moved, pass its new location with --base PATH")
-        return recorded
-    return model_dir  # a Hugging Face directory used directly as the base
-
-
 def fuse_in_place(model) -> int:
     """Replace every LoRA/DoRA layer by its full-precision merge; returns how many."""
     from mlx.utils import tree_unflatten
@@ -136,12 +121,12 @@ def load_merged(run_or_model: str, base: str | None = None, progress: Progress |
     """A run's base + adapter merged in full precision, or an already fused model, dequantized."""
     from mlx_lm.utils import dequantize_model
 
-    from mlx_gemma_tune import generate, lora, models
+    from mlx_gemma_tune import lora, models, rundir
 
     say = progress or (lambda _m: None)
-    base_dir, adapter = generate.resolve_target(run_or_model)
+    base_dir, adapter = rundir.resolve_target(run_or_model)
     base_dir = models.resolve_model_dir(base_dir)  # (a run without an adapter was refused just above)
-    source = _source_of(base_dir, base)
+    source = checkpoint.source_of(base_dir, base)
     source_config = checkpoint.read_config(source)
     say("Loading the model")
     model, tokenizer, config = models.load(base_dir)
@@ -192,7 +177,7 @@ def export_hf(run_or_fused: str, out: str, *, dtype: str | None = None, base: st
     fsio.check_output_dir(out_p, force=force, inputs=(Path(run_or_fused),))
     merged = load_merged(run_or_fused, base, progress)
     source_config = checkpoint.read_config(merged.source)
-    _prefixes(merged.model_type)
+    hf_prefixes(merged.model_type)
     target = dtype or _config_dtype(source_config) or "float32"
     say("Mapping weights to Hugging Face names")
     ours = to_hf_tensors(merged.model_type, dict(tree_flatten(merged.model.parameters())))

@@ -84,10 +84,10 @@ def export_gguf(run_or_fused: str, out: str, *, outtype: str = "f16", base: str 
 
 def _architecture(run_or_fused: str, base: str | None) -> str:
     """The GGUF architecture for the model behind a run or model directory, or a clear refusal."""
-    from mlx_gemma_tune import export, generate, models
+    from mlx_gemma_tune import models, rundir
 
-    base_dir, _ = generate.resolve_target(run_or_fused)
-    source = export._source_of(models.resolve_model_dir(base_dir), base)
+    base_dir, _ = rundir.resolve_target(run_or_fused)
+    source = checkpoint.source_of(models.resolve_model_dir(base_dir), base)
     model_type = checkpoint.read_config(source).get("model_type")
     if model_type in SUPPORTED:
         return SUPPORTED[model_type]

@@ -47,7 +47,7 @@ ALTUP_EPS = 1e-5  # transformers' Gemma3nTextModel clamps mean(x^2) here
 TOPK_VAR_EPS = 1e-12
 
 
-class _PassThroughKV:
+class PassThroughKV:
     """A training stand-in for a KV cache: keeps the K/V of one forward pass.
 
     It has no `make_mask`, `offset` 0 and no quantization, so masks and attention are
@@ -97,7 +97,7 @@ def _gemma3n_language_model_class():
             per_layer_inputs = self.project_per_layer_inputs(h, per_layer_inputs)
 
             if cache is None:  # training path: share K/V within this forward pass
-                cache = [_PassThroughKV() for _ in range(self.first_kv_shared_layer_idx)]
+                cache = [PassThroughKV() for _ in range(self.first_kv_shared_layer_idx)]
 
             global_mask = create_attention_mask(h, cache[self.first_full_idx])
             sliding_mask = create_attention_mask(h, cache[self.first_sliding_idx], window_size=self.sliding_window)

@@ -69,9 +69,9 @@ def has_vision_weights(model_dir: Path) -> bool:
 def vision_source(base: Path) -> Path:
     """The directory mlx-vlm loads with the towers: the base itself if it has them (a `convert
     --multimodal` output, a Hugging Face checkpoint), else the checkpoint it was converted from."""
-    from mlx_gemma_tune import export
+    from mlx_gemma_tune import checkpoint
 
-    return base if has_vision_weights(base) else export._source_of(base, None)
+    return base if has_vision_weights(base) else checkpoint.source_of(base)
 
 
 def load(model_dir: Path, audio: bool = False):

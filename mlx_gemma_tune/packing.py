@@ -15,10 +15,10 @@ The mask reaches mlx-lm's unmodified Gemma models the way a KV cache's does: thr
 
 from __future__ import annotations
 
-from mlx_gemma_tune.models import _PassThroughKV
+from mlx_gemma_tune.models import PassThroughKV
 
 
-class PackedKV(_PassThroughKV):
+class PackedKV(PassThroughKV):
     """A pass-through KV 'cache' whose mask keeps attention inside each packed row."""
 
     def __init__(self, segments):

@@ -7,28 +7,29 @@ import time
 from pathlib import Path
 
 from mlx_gemma_tune import checkpoint, fsio
+from mlx_gemma_tune.checkpoint import source_of
 from mlx_gemma_tune.errors import InputError, UserError
-from mlx_gemma_tune.export import ExportResult, _prefixes, _source_of, to_hf_key
+from mlx_gemma_tune.export import ExportResult, hf_prefixes, to_hf_key
 
 
 def export_peft(run_dir: str, out: str, *, base: str | None = None, force: bool = False) -> ExportResult:
     """adapter_model.safetensors + adapter_config.json that peft.PeftModel loads on the original model."""
     import mlx.core as mx
 
-    from mlx_gemma_tune import generate, lora, models
+    from mlx_gemma_tune import lora, models, rundir
 
     started = time.monotonic()
     out_p = Path(out).expanduser()
     fsio.check_output_dir(out_p, force=force, inputs=(Path(run_dir),))
-    base_dir, adapter = generate.resolve_target(run_dir)
+    base_dir, adapter = rundir.resolve_target(run_dir)
     if adapter is None:
         raise InputError("is not a run directory with an adapter", where=str(run_dir),
                          hint="PEFT export takes the directory `mlx-gemma-tune train` wrote")
     base_dir = models.resolve_model_dir(base_dir)
-    source = _source_of(base_dir, base)
+    source = source_of(base_dir, base)
     source_config = checkpoint.read_config(source)
     model_type = source_config["model_type"]
-    _prefixes(model_type)
+    hf_prefixes(model_type)
     cfg = lora.read_config(adapter)
     settings = lora.LoraSettings(**{k: v for k, v in (cfg.get("mlx_gemma_tune") or {}).items()
                                     if k in lora.LoraSettings.__dataclass_fields__})

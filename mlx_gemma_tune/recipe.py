@@ -345,3 +345,12 @@ def reference_table() -> str:
         shown = shown.removesuffix("...").strip()
         rows.append(f"| `{key}` | `{shown}` | {help} |")
     return "\n".join(rows) + "\n"
+
+
+def load_recipe(name_or_path: str | None = None, sets: tuple[str, ...] | list[str] = ()) -> Recipe:
+    """A shipped recipe (by name, e.g. "gemma4-e2b-qlora" or "tasks/extraction") or a YAML file, with
+    "key=value" overrides as `--set` gives them, resolved over the defaults and checked (types,
+    ranges, unknown keys with a did-you-mean). None: the defaults alone. Raises InputError naming the
+    file and key."""
+    raw = read_yaml(find_recipe(name_or_path)) if name_or_path else {}
+    return build(raw, parse_set(list(sets)), name_or_path or "recipe")

@@ -1,6 +1,7 @@
 """The run directory: everything a training run writes, each write atomic.
 
     RUN/recipe.yaml               the resolved recipe (what `--resume` continues)
+    RUN/base.json                 the base model directory it trained on, and where that came from
     RUN/adapters.safetensors      the run's adapter (best validation, else latest) in mlx-lm's format
     RUN/adapter_config.json       so `mlx_lm.generate --model BASE --adapter-path RUN` works
     RUN/checkpoints/step-NNNNNNNN/  adapters, optimizer state, trainer state (complete or absent)
@@ -16,9 +17,51 @@ import os
 from pathlib import Path
 
 from mlx_gemma_tune import checkpoint, fsio
+from mlx_gemma_tune.errors import InputError
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
+BASE = "base.json"
+
+
+def record_base(run: Path, base: Path, source: str, quantize: int | None) -> None:
+    """Write RUN/base.json: the base model directory the run trains on (model.path converted or
+    quantized as the recipe asks), so that opening the run later never converts anything."""
+    fsio.atomic_write_json(Path(run) / BASE, {"base": str(Path(base).absolute()), "source": source,
+                                              "quantize": quantize})
+
+
+def resolve_target(model_or_run: str) -> tuple[str, Path | None]:
+    """(base model directory, adapter directory or None) for a model directory or a training run.
+
+    A run opens on the base it recorded at train time (RUN/base.json; runs older than that file: the
+    cache directory its recipe maps to). Nothing is converted or downloaded here: a base that is gone
+    raises InputError naming it and the command that recreates it."""
+    from mlx_gemma_tune import lora
+
+    p = Path(model_or_run).expanduser()
+    if not (p / "recipe.yaml").is_file():
+        return str(p), None
+    if not (p / lora.ADAPTER_WEIGHTS).is_file():
+        raise InputError("is a run directory without an adapter (adapters.safetensors) yet", where=str(p),
+                         hint="wait for its first checkpoint, or resume it with `mlx-gemma-tune train --resume`")
+    if (p / BASE).is_file():
+        recorded = json.loads((p / BASE).read_text(encoding="utf-8"))
+        base, source, quantize = Path(recorded["base"]), recorded["source"], recorded.get("quantize")
+    else:
+        from mlx_gemma_tune import convert, recipe
+
+        r = recipe.build(recipe.read_yaml(p / "recipe.yaml"), source=str(p / "recipe.yaml"))
+        source, quantize = r.model.path, r.model.quantize
+        base = convert.base_dir_for(source, quantize)
+    if not (base / "config.json").is_file():
+        if base == Path(source).expanduser():
+            hint = f"the run trained on the checkpoint at {source}: put it back there"
+        else:
+            hint = f"recreate it with: mlx-gemma-tune convert {source} -o {base}" + (
+                f" --quantize {quantize}" if quantize else "")
+        raise InputError(f"the run's base model is missing: {base}", where=str(p), hint=hint)
+    return str(base), p
 
 
 def checkpoint_dir(run: Path, step: int) -> Path:

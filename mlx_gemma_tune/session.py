@@ -145,6 +145,7 @@ def prepare_run(recipe_ref: str | None = None, *, model: str | None = None, data
         header = ("# The resolved recipe of this run: defaults < recipe < flags and --set.\n"
                   f"# Continue it with: mlx-gemma-tune train --resume {run_dir}\n")
         fsio.atomic_write_text(run_dir / "recipe.yaml", recipes.to_yaml(recipe, header))
+        rundir.record_base(run_dir, base, recipe.model.path, recipe.model.quantize)
     return Prepared(recipe=recipe, run_dir=run_dir, model=model_obj, tokenizer=tokenizer, config=config,
                     lora=settings, train=train, valid=valid, base=base, resume_from=resume_from, notes=notes,
                     world=world)
@@ -209,3 +210,22 @@ def _examples(tokenizer, splits: dict, recipe: recipes.Recipe, images: bool = Fa
         raise InputError("has no training rows left (after holding out validation rows and dropping overlong ones)",
                          where=str(d.path))
     return train, valid, notes
+
+
+def train(recipe: str | None = None, *, model: str | None = None, data: str | None = None, out: str | None = None,
+          sets: tuple[str, ...] | list[str] = (), resume: str | None = None, force: bool = False,
+          progress: Callable[[str], None] | None = None, callback=None):
+    """Train a LoRA / QLoRA / DoRA adapter, as `mlx-gemma-tune train` does; returns trainer.TrainSummary.
+
+    `recipe` is a shipped recipe name or a YAML path (None: the defaults); model / data / out override
+    model.path, data.path and the run directory; `sets` are "key=value" overrides (`--set`); `resume`
+    continues a run directory exactly. The base is converted (and quantized for QLoRA) into the cache
+    on first use. `progress(message)` hears each preparation stage; `callback` gets the trainer's
+    reports (see ui_train.TrainDashboard for the methods it may have). Training itself is mlx-lm's
+    LoRA layers on our loop: chunked loss over the vocabulary, masks from the chat template, exact
+    resume. Raises UserError (and its subclasses) for bad recipes, data, models or run directories."""
+    from mlx_gemma_tune import trainer
+
+    prepared = prepare_run(recipe, model=model, data=data, out=out, sets=tuple(sets), resume=resume, force=force,
+                           progress=progress)
+    return trainer.run(prepared, callback=callback)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -25,7 +26,8 @@ def test_generation_stops_at_end_of_turn(family, marker, trained_run):
 
 def test_adapter_off_and_on_without_reloading(trained_run, monkeypatch):
     from mlx_gemma_tune import models
-    from mlx_gemma_tune.generate import ChatSession, Sampling, run_command
+    from mlx_gemma_tune.chat_commands import run_command
+    from mlx_gemma_tune.generate import ChatSession, Sampling
 
     loads = {"n": 0}
     real_load = models.load
@@ -151,3 +153,37 @@ def test_prompts_file_problems(trained_run, tmp_path):
     bad.write_text('{"prompt": "a"}\n{oops\n')
     assert_one_line_error(run_cli(["generate", trained_run("gemma3_text"), "--prompts", bad]), "bad.jsonl:2")
     assert_one_line_error(run_cli(["generate", trained_run("gemma3_text")]), "exactly one of --prompt", code=2)
+
+
+def test_a_run_whose_base_is_gone_names_it_and_the_command_that_recreates_it(hf_model, tmp_path):
+    """Opening a run never converts: chat / generate / eval / export on a run whose (quantized,
+    cached) base was removed say which base and how to recreate it, in one line, and write nothing."""
+    import shlex
+
+    from helpers import snapshot
+    from mlx_gemma_tune import session, trainer
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "Hi", "completion": "Hello."}) + "\n")
+    run = tmp_path / "run"
+    trainer.run(session.prepare_run(model=str(hf_model("gemma3_text")), data=str(data), out=str(run),
+                                    sets=("train.iters=1", "model.quantize=4", "data.valid_fraction=0")))
+    base = Path(json.loads((run / "base.json").read_text())["base"])
+    assert (base / "config.json").is_file() and base != hf_model("gemma3_text")  # the 4-bit base in the cache
+    hidden = base.with_name(base.name + ".away")
+    base.rename(hidden)
+    before = snapshot(tmp_path, quick=True)
+    for args in (["chat", run], ["generate", run, "--prompt", "Hi"], ["eval", run, "--data", data],
+                 ["export", run, "--format", "peft", "-o", tmp_path / "peft"]):
+        res = run_cli(args, input="Hi\n/quit\n")
+        line = assert_one_line_error(res, str(run), "base model is missing", str(base), "mlx-gemma-tune convert",
+                                     "--quantize 4")
+        assert not base.exists() and snapshot(tmp_path, quick=True) == before, args
+    (run / "base.json").unlink()  # a run from before base.json: its recipe maps to the same cache directory
+    assert_one_line_error(run_cli(["generate", run, "--prompt", "Hi"]), "base model is missing", str(base))
+    # the command the line gives recreates the base, and the run opens again
+    command = shlex.split(line.split("recreate it with: ", 1)[1].rstrip(")"))
+    assert command[0] == "mlx-gemma-tune"
+    assert run_cli(command[1:]).exit_code == 0
+    ok = run_cli(["generate", run, "--prompt", "Hi", "--max-tokens", "2", "--temp", "0"])
+    assert ok.exit_code == 0, ok.output

@@ -369,15 +369,15 @@ def test_on_a_terminal_chat_folds_the_thought_once_the_reply_is_complete(monkeyp
 
     from rich.console import Console
 
-    from mlx_gemma_tune import ui
+    from mlx_gemma_tune import ui, ui_chat
 
     screen = io.StringIO()
     monkeypatch.setattr(ui, "out", Console(file=screen, force_terminal=True, width=100))
     parts = [("thought", "It has no divisors "), ("thought", "but 1 and itself."), ("answer", ANSWER)]
-    assert ui.stream_reply(iter(parts), fold_thought=True) == ANSWER
+    assert ui_chat.stream_reply(iter(parts), fold_thought=True) == ANSWER
     last_frame = screen.getvalue().rsplit("\x1b[2K", 1)[-1]  # rich's Live rewrites its lines on every update
     assert "thought, 8 words (/thought shows it)" in screen.getvalue()
     assert "itself" not in last_frame
     screen.truncate(0)
-    ui.stream_reply(iter(parts))  # generate: the thought stays open
+    ui_chat.stream_reply(iter(parts))  # generate: the thought stays open
     assert "/thought" not in screen.getvalue() and "itself." in screen.getvalue()

@@ -182,7 +182,7 @@ def test_export_peft_matches_base_plus_adapter(family, method, runs, hf_model, t
 def test_fuse_qlora_dequantizes_and_requantize_reports(runs, tmp_path):
     from mlx_lm import load
 
-    from mlx_gemma_tune import generate, lora, models
+    from mlx_gemma_tune import lora, models, rundir
 
     run = runs("gemma4_edge", "qlora")
     out = tmp_path / "fused"
@@ -192,7 +192,7 @@ def test_fuse_qlora_dequantizes_and_requantize_reports(runs, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert "quantization" not in config
     fused, _ = load(str(out))  # plain mlx-lm loads it
-    base_dir, adapter = generate.resolve_target(str(run))
+    base_dir, adapter = rundir.resolve_target(str(run))
     qmodel, qconfig = models.load_model(Path(base_dir))
     assert "quantization" in qconfig
     lora.load(qmodel, qconfig, adapter)

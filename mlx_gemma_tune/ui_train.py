@@ -1,0 +1,139 @@
+"""What `train` shows: the live dashboard (step, losses, learning rate, tokens/s, memory, a loss
+sparkline) and the run's summary. With ui.py and ui_chat.py, the only modules that import rich."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from mlx_gemma_tune import ui
+
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float], width: int = 24) -> str:
+    vals = values[-width:]
+    if not vals:
+        return ""
+    lo, hi = min(vals), max(vals)
+    span = (hi - lo) or 1.0
+    return "".join(SPARK[min(len(SPARK) - 1, int((v - lo) / span * (len(SPARK) - 1)))] for v in vals)
+
+
+class TrainDashboard:
+    """The live training view, fed by the trainer's callbacks.
+
+    On a terminal: a progress bar with ETA and a live table. Otherwise (CI, pipes, logs):
+    one plain line per report, so logs stay readable.
+    """
+
+    def __init__(self, console=None):
+        self.console = console or ui.out
+        self.live = None
+        self.losses: list[float] = []
+        self.last: dict = {}
+        self.val: dict = {}
+        self.total = 0
+        self.start_step = 0
+
+    # -- context ------------------------------------------------------------------------------
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._stop()
+        return False
+
+    def _stop(self):
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
+
+    # -- callbacks ----------------------------------------------------------------------------
+    def on_event(self, kind: str, info: dict) -> None:
+        if kind == "start":
+            self.total, self.start_step = info["total_steps"], info["start_step"]
+            resumed = f", resuming after step {self.start_step}" if self.start_step else ""
+            self.console.print(f"Training {info['modules']} adapted modules ({ui.human_count(info['trainable_parameters'])} "
+                               f"trainable parameters) on {info['train_rows']} rows, {info['valid_rows']} validation "
+                               f"rows, {self.total} steps{resumed} -> {info['run_dir']}", soft_wrap=True)
+            if info.get("memory_estimate_gb") is not None:
+                packed = f"{info['packed_sequences']} packed sequences; " if info.get("packed_sequences") else ""
+                budget = f" of a {info['memory_budget_gb']:.1f} GiB budget" if info.get("memory_budget_gb") else ""
+                ckpt = "on" if info.get("grad_checkpoint") else "off"
+                self.console.print(f"{packed}estimated peak memory {info['memory_estimate_gb']:.2f} GiB{budget} "
+                                   f"without gradient checkpointing; checkpointing {ckpt}", soft_wrap=True)
+            if self.console.is_terminal:
+                from rich.live import Live
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+                self.progress = Progress(TextColumn("step"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+                self.task = self.progress.add_task("train", total=self.total, completed=self.start_step)
+                self.live = Live(self._render(), console=self.console, refresh_per_second=4)
+                self.live.start()
+        elif kind == "early_stop":
+            self._line(f"early stop at step {info['step']}: no better validation loss since step {info['best_step']}")
+        elif kind == "end":
+            self._stop()
+
+    def on_train_report(self, info: dict) -> None:
+        self.last = info
+        self.losses.append(info["loss"])
+        if self.live is not None:
+            self.progress.update(self.task, completed=info["step"])
+            self.live.update(self._render())
+        else:
+            self.console.print(
+                f"step {info['step']}/{info['total_steps']} epoch {info['epoch']} loss {info['loss']:.4f} "
+                f"smoothed {info['smoothed_loss']:.4f} lr {info['lr']:.2e} tok/s {info['tokens_per_sec']:.0f} "
+                f"it/s {info['it_per_sec']:.2f} peak {info['peak_memory_gb']:.2f} GB", soft_wrap=True)
+
+    def on_val_report(self, info: dict) -> None:
+        self.val = info
+        if self.live is not None:
+            self.live.update(self._render())
+        else:
+            mark = " (best)" if info["improved"] else ""
+            self.console.print(f"step {info['step']} val_loss {info['val_loss']:.4f}{mark} "
+                               f"best {info['best_val_loss']:.4f} at step {info['best_step']}", soft_wrap=True)
+
+    def _line(self, text: str) -> None:
+        (self.live.console if self.live is not None else self.console).print(text, soft_wrap=True)
+
+    def _render(self):
+        from rich.console import Group
+
+        t = Table(show_header=False, box=None, padding=(0, 2))
+        t.add_column(style="bold")
+        t.add_column()
+        last = self.last
+        if last:
+            t.add_row("epoch", str(last["epoch"]))
+            t.add_row("loss", f"{last['loss']:.4f}  (smoothed {last['smoothed_loss']:.4f})  {sparkline(self.losses)}")
+        if self.val:
+            t.add_row("val loss", f"{self.val['val_loss']:.4f}  (best {self.val['best_val_loss']:.4f} at step "
+                      f"{self.val['best_step']})")
+        if last:
+            t.add_row("lr", f"{last['lr']:.2e}")
+            t.add_row("speed", f"{last['tokens_per_sec']:.0f} tok/s, {last['it_per_sec']:.2f} it/s")
+            t.add_row("peak memory", f"{last['peak_memory_gb']:.2f} GB")
+        return Group(self.progress, t)
+
+
+def show_train_summary(s, interrupted_hint: str | None = None) -> None:
+    t = Table(title="Run", show_header=False, title_justify="left", box=None, padding=(0, 2))
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("Run directory", s.run_dir)
+    t.add_row("Steps", f"{s.steps} of {s.total_steps}" + (" (stopped early)" if s.stopped_early else "")
+              + (" (interrupted)" if s.interrupted else ""))
+    if s.final_loss is not None:
+        t.add_row("Last train loss", f"{s.final_loss:.4f}")
+    if s.best_val_loss is not None:
+        t.add_row("Best val loss", f"{s.best_val_loss:.4f} at step {s.best_step}")
+    if s.adapter_from_step is not None:
+        t.add_row("Adapter", f"{s.run_dir}/adapters.safetensors (step {s.adapter_from_step})")
+    t.add_row("Tokens", f"{s.tokens:,}")
+    t.add_row("Time", f"{s.seconds:.1f} s")
+    ui.out.print(t)
+    if interrupted_hint:
+        ui.err.print(interrupted_hint, soft_wrap=True)
