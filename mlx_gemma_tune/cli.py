@@ -30,6 +30,7 @@ class App(click.Group):
         if "--distributed" in argv and hasattr(signal, "pthread_sigmask"):
             # before MLX starts its threads: Ctrl-C must not land inside a collective (trainer._install_sigint)
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        _show_upstream_warnings(who)
         try:
             code = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
         except UserError as exc:
@@ -370,6 +371,22 @@ from mlx_gemma_tune import cli_use
 
 for _command in cli_use.COMMANDS:
     cli.add_command(_command)
+
+
+def _show_upstream_warnings(who: str) -> None:
+    """upstream.UpstreamWarning (a library at another version than verified) as one `warning:` line."""
+    import warnings
+
+    shown = getattr(warnings.showwarning, "__wrapped__", warnings.showwarning)
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if category.__name__ == "UpstreamWarning":
+            click.echo(f"{who}warning: {message}", err=True)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    show.__wrapped__ = shown  # installed again by the next command in this process: not nested
+    warnings.showwarning = show
 
 
 def main() -> None:

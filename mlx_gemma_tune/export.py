@@ -11,14 +11,11 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mlx_gemma_tune import checkpoint, families, fsio
-from mlx_gemma_tune.errors import UserError
-
-Progress = Callable[[str], None]
+from mlx_gemma_tune.errors import Progress, UserError
 
 # (MLX prefix, Hugging Face prefix) per original model_type; unlisted names are identical.
 KEY_PREFIXES: dict[str, list[tuple[str, str]]] = {

@@ -9,8 +9,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mlx_gemma_tune import checkpoint, fsio
-from mlx_gemma_tune.errors import InputError, UserError
-from mlx_gemma_tune.export import Progress, load_merged
+from mlx_gemma_tune.errors import InputError, Progress, UserError
+from mlx_gemma_tune.export import load_merged
 
 
 @dataclass

@@ -322,10 +322,13 @@ def load_model(path: Path, *, lazy: bool = False):
     with the text config nested; the returned config says so, so that a converted copy
     loads in plain mlx-lm too.
     """
-    from mlx_lm.utils import _get_classes, load_config
+    from mlx_lm.utils import load_config
     from mlx_lm.utils import load_model as mlx_load_model
 
-    from mlx_gemma_tune import checkpoint
+    from mlx_gemma_tune import checkpoint, upstream
+
+    upstream.warn_on_load()  # the fixes below were verified on upstream.VERIFIED
+    get_classes = upstream.resolve("mlx_lm.utils:_get_classes")
 
     for f in checkpoint.weight_files(Path(path)):  # headers only: name a truncated or corrupt file
         checkpoint.inspect_weights(f, hash_it=False)
@@ -338,7 +341,7 @@ def load_model(path: Path, *, lazy: bool = False):
                                        get_model_classes=_gemma3n_text_classes)
         config = nested | ({"eos_token_id": config["eos_token_id"]} if "eos_token_id" in config else {})
     else:
-        model, config = mlx_load_model(Path(path), lazy=lazy, strict=True, get_model_classes=_get_classes)
+        model, config = mlx_load_model(Path(path), lazy=lazy, strict=True, get_model_classes=get_classes)
     apply_fixes(model)
     return model, config
 

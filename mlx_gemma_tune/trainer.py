@@ -17,13 +17,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mlx_gemma_tune import fsio, losses
-from mlx_gemma_tune.errors import OutputError, UserError
+from mlx_gemma_tune.errors import NonFiniteError, OutputError, UserError
 
 EMA = 0.9  # smoothing of the displayed training loss
-
-
-class NonFiniteError(UserError):
-    """The loss or the gradients became NaN/inf."""
 
 
 @dataclass

@@ -154,7 +154,7 @@ def test_nan_stops_training_with_a_clear_message(hf_model, tmp_path):
     import mlx.core as mx
     import mlx.optimizers as optim
 
-    from mlx_gemma_tune import lora, models, trainer
+    from mlx_gemma_tune import errors, lora, models, trainer
 
     model, _, config = models.load(hf_model("gemma3_text"))
     lora.apply(model, config, lora.LoraSettings(rank=4, alpha=8, dropout=0.0))
@@ -162,7 +162,7 @@ def test_nan_stops_training_with_a_clear_message(hf_model, tmp_path):
     good = (inputs, mx.array([[40, 41, 42, 43]]), mx.ones((1, 4)))
     before = {k: v for k, v in __import__("mlx.utils", fromlist=["x"]).tree_flatten(model.trainable_parameters())}
     model.model.embed_tokens.weight = mx.full(model.model.embed_tokens.weight.shape, float("nan"))
-    with pytest.raises(trainer.NonFiniteError) as err:
+    with pytest.raises(errors.NonFiniteError) as err:
         trainer.fit(model, [good, good], optim.Adam(learning_rate=1e-3))
     assert "step 1" in err.value.one_line() and "not updated" in err.value.one_line()
     after = dict(__import__("mlx.utils", fromlist=["x"]).tree_flatten(model.trainable_parameters()))
