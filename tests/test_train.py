@@ -331,6 +331,13 @@ def test_recipes_list_show_copy(tmp_path):
             assert dataset_files.read_splits(r.data.path).keys() == {"train", "valid", "test"}
         text = recipe.find_recipe(name).read_text()
         assert text.startswith("# ") and f"mlx-gemma-tune train {name}" in text and "# Memory: about" in text
+        # one home per default: a shipped recipe sets only what differs from the defaults, each with its reason
+        defaults = recipe.build({}, {"model.path": "x", "data.path": "x"}).to_dict()
+        for section, values in raw.items():
+            for key, value in values.items():
+                assert value != defaults[section][key], f"{name}: {section}.{key} restates the default"
+        values = [line for line in text.splitlines() if line.startswith("  ")]
+        assert values and all("  # " in line for line in values), name
     shown = run_cli(["recipes", "show", "gemma4-e2b-qlora"])
     assert shown.exit_code == 0 and "quantize: 4" in shown.stdout
     dest = tmp_path / "mine.yaml"
