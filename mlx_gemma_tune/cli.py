@@ -12,6 +12,8 @@ import sys
 import click
 
 from mlx_gemma_tune.errors import UserError
+from mlx_gemma_tune.evaluate import EVAL_BATCH_SIZE, EVAL_MAX_TOKENS
+from mlx_gemma_tune.recipe import default as recipe_default
 from mlx_gemma_tune.version import VERSION
 
 
@@ -160,10 +162,11 @@ def doctor(model, recipe_ref, sets, as_json):
 @click.option("--compare", is_flag=True, help="Score the base model and the tuned model on the same rows.")
 @click.option("--judge", "judge_model", default=None, type=click.Path(file_okay=False),
               help="A local MLX model that scores each answer 1-10 on a fixed rubric (LLM-as-a-judge).")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
-@click.option("--max-seq-length", type=click.IntRange(min=2), default=2048, show_default=True,
-              help="Loss: longer rows are truncated (and counted).")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=EVAL_MAX_TOKENS, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=EVAL_BATCH_SIZE, show_default=True)
+@click.option("--max-seq-length", type=click.IntRange(min=2), default=None,
+              help="Loss: longer rows are truncated (and counted). Default: a run's own data.max_seq_length, for "
+                   f"a model the recipe default ({recipe_default('data.max_seq_length')}).")
 @click.option("--output", default=None, type=click.Path(dir_okay=False),
               help="Write per-row JSONL (prompt, reference, answers, scores).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -316,8 +319,8 @@ def data():
 @click.argument("path")
 @click.option("--model", default=None, type=click.Path(file_okay=False),
               help="A model directory whose tokenizer and chat template measure the rows in tokens.")
-@click.option("--max-seq-length", type=click.IntRange(min=1), default=2048, show_default=True,
-              help="Count rows longer than this many tokens (needs --model).")
+@click.option("--max-seq-length", type=click.IntRange(min=1), default=recipe_default("data.max_seq_length"),
+              show_default=True, help="Count rows longer than this many tokens (needs --model).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def data_check(path, model, max_seq_length, as_json):
     """Report rows, formats, length stats, overlong, duplicate and empty rows of PATH."""

@@ -9,17 +9,19 @@ from __future__ import annotations
 import click
 
 from mlx_gemma_tune.errors import UserError
+from mlx_gemma_tune.generate import Sampling
 
 
 def sampling_options(f):
     """The sampling options chat and generate share."""
+    s = Sampling()  # the one home of the sampling defaults
     for opt in reversed([
-        click.option("--temp", type=click.FloatRange(min=0), default=1.0, show_default=True,
+        click.option("--temp", type=click.FloatRange(min=0), default=s.temp, show_default=True,
                      help="Sampling temperature; 0 = greedy."),
-        click.option("--top-k", type=click.IntRange(min=0), default=64, show_default=True, help="0 = off."),
-        click.option("--top-p", type=click.FloatRange(0, 1), default=0.95, show_default=True, help="1 = off."),
-        click.option("--min-p", type=click.FloatRange(0, 1), default=0.0, show_default=True),
-        click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True),
+        click.option("--top-k", type=click.IntRange(min=0), default=s.top_k, show_default=True, help="0 = off."),
+        click.option("--top-p", type=click.FloatRange(0, 1), default=s.top_p, show_default=True, help="1 = off."),
+        click.option("--min-p", type=click.FloatRange(0, 1), default=s.min_p, show_default=True),
+        click.option("--max-tokens", type=click.IntRange(min=1), default=s.max_tokens, show_default=True),
         click.option("--seed", type=int, default=None, help="Seed for reproducible sampling."),
         click.option("--system", default=None, help="System prompt."),
         click.option("--thinking/--no-thinking", default=False, show_default=True,

@@ -38,8 +38,11 @@ class DataReport:
         return asdict(self)
 
 
-def check_dataset(path: str | Path, tokenizer=None, max_seq_length: int = 2048) -> DataReport:
+def check_dataset(path: str | Path, tokenizer=None, max_seq_length: int | None = None) -> DataReport:
     """Counts, formats, lengths, overlong, duplicate and empty rows of a dataset (all its splits)."""
+    from mlx_gemma_tune.recipe import default
+
+    max_seq_length = max_seq_length or default("data.max_seq_length")
     splits = read_splits(path)
     formats: Counter = Counter()
     lengths: list[int] = []
@@ -104,7 +107,7 @@ def _percentile(ordered: list[int], q: float) -> int:
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
-def check(path: str | Path, model: str | Path | None = None, max_seq_length: int = 2048) -> DataReport:
+def check(path: str | Path, model: str | Path | None = None, max_seq_length: int | None = None) -> DataReport:
     """check_dataset with the tokenizer of a local model directory (token lengths), if given."""
     tokenizer = None
     if model is not None:

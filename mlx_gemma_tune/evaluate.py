@@ -24,6 +24,10 @@ class LossResult:
         return asdict(self)
 
 
+EVAL_BATCH_SIZE = 4  # rows per forward pass of eval (loss and generation), the CLI's default too
+EVAL_MAX_TOKENS = 256  # longest generated answer for the task metrics, the CLI's default too
+
+
 def dataset_loss(model, examples: list[data.Example], batch_size: int = 4,
                  on_batch: Callable[[int, int], None] | None = None) -> tuple[float, int]:
     """Mean token cross-entropy (training forward: no cache) and the number of target tokens."""
@@ -46,17 +50,21 @@ def dataset_loss(model, examples: list[data.Example], batch_size: int = 4,
     return (total / count if count else float("nan")), count
 
 
-def evaluate_loss(model_path: Path, data_path: Path, *, adapter: Path | None = None, batch_size: int = 4,
-                  max_seq_length: int | None = 2048,
+def evaluate_loss(model_path: Path, data_path: Path, *, adapter: Path | None = None,
+                  batch_size: int = EVAL_BATCH_SIZE, max_seq_length: int | None = None,
                   progress: Callable[[int, int], None] | None = None) -> LossResult:
+    """Mean cross-entropy (nats per target token) and perplexity of a model or run on a dataset, on the
+    tokens training would learn (the same chat-template masks); rows are cut at max_seq_length (None:
+    the run's data.max_seq_length, else the recipe default) and rows left without a target are
+    dropped and named. Raises InputError when no row has a target."""
     from mlx_gemma_tune import lora, models, rundir
 
     base, run_adapter = rundir.resolve_target(str(model_path))  # a run directory brings its adapter
     model, tokenizer, config = models.load(models.resolve_model_dir(base))
     if adapter is not None or run_adapter is not None:
         lora.load(model, config, adapter or run_adapter)
-    examples, truncated = data.load_examples(tokenizer, data_path, max_seq_length,
-                                             reasoning=data.default_reasoning(tokenizer))
+    max_seq_length, reasoning = rundir.data_settings(str(model_path), max_seq_length, tokenizer)
+    examples, truncated = data.load_examples(tokenizer, data_path, max_seq_length, reasoning=reasoning)
     examples, dropped = data.with_targets(examples, data_path, max_seq_length)
     loss, tokens = dataset_loss(model, examples, batch_size, progress)
     rows = len({e.source for e in examples})  # a conversation can be one sequence per turn (data.py)
@@ -124,8 +132,8 @@ def generate_batch(session, prompts: list[list[dict]], max_tokens: int, batch_si
 
 
 def evaluate(model_or_run: str, data_path: str, *, metrics: tuple[str, ...] = ("loss",), adapter: str | None = None,
-             compare: bool = False, judge_model: str | None = None, max_tokens: int = 256, batch_size: int = 8,
-             max_seq_length: int = 2048, output: str | None = None,
+             compare: bool = False, judge_model: str | None = None, max_tokens: int = EVAL_MAX_TOKENS,
+             batch_size: int = EVAL_BATCH_SIZE, max_seq_length: int | None = None, output: str | None = None,
              progress: Callable[[int, int], None] | None = None) -> EvalReport:
     """Loss and/or task metrics of a model (and, with compare, its base) on a dataset."""
     from mlx_gemma_tune import fsio
@@ -144,8 +152,11 @@ def evaluate(model_or_run: str, data_path: str, *, metrics: tuple[str, ...] = ("
     items = _items(data_path, need_reference=bool(text_metrics or judge_model))
     report = EvalReport(data=str(data_path), rows=0, metrics=list(metrics), scores={})
     answers: dict[str, list[str]] = {}
+    from mlx_gemma_tune import rundir
+
+    max_seq_length, reasoning = rundir.data_settings(model_or_run, max_seq_length, session.tokenizer)
     examples = data.load_examples(session.tokenizer, data_path, max_seq_length,
-                                  reasoning=data.default_reasoning(session.tokenizer))[0] if "loss" in metrics else []
+                                  reasoning=reasoning)[0] if "loss" in metrics else []
     if examples:
         examples = data.with_targets(examples, data_path, max_seq_length)[0]
     for label in labels:

@@ -117,6 +117,14 @@ def _default(f):
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
+def default(key: str):
+    """The default of a recipe key ("data.max_seq_length"), from the schema: the one home of every
+    training default, which the CLI options, eval and data check read too."""
+    section, _, name = key.partition(".")
+    fields = {f.name: f for f in dataclasses.fields(_SECTION_CLASSES[section])}
+    return _default(fields[name])
+
+
 # ---- finding and reading recipes ------------------------------------------------------------
 
 

@@ -31,6 +31,19 @@ def record_base(run: Path, base: Path, source: str, quantize: int | None) -> Non
                                               "quantize": quantize})
 
 
+def data_settings(model_or_run: str, max_seq_length: int | None, tokenizer) -> tuple[int, str]:
+    """(max_seq_length, data.reasoning) a dataset is measured with for `model_or_run`: a run's own
+    (an explicit max_seq_length wins), else the recipe defaults, with reasoning counted as training
+    would on this tokenizer's model (data.default_reasoning)."""
+    from mlx_gemma_tune import data, recipe
+
+    p = Path(model_or_run).expanduser()
+    if (p / "recipe.yaml").is_file():
+        r = recipe.build(recipe.read_yaml(p / "recipe.yaml"), source=str(p / "recipe.yaml"))
+        return max_seq_length or r.data.max_seq_length, r.data.reasoning
+    return max_seq_length or recipe.default("data.max_seq_length"), data.default_reasoning(tokenizer)
+
+
 def resolve_target(model_or_run: str) -> tuple[str, Path | None]:
     """(base model directory, adapter directory or None) for a model directory or a training run.
 

@@ -91,3 +91,37 @@ def test_bad_dataset_is_one_line(content, needle, hf_model, tmp_path):
 
 def test_bad_model_path(tmp_path, chat_file):
     assert_one_line_error(run_cli(["eval", tmp_path / "nope", "--data", chat_file]), "no such model directory")
+
+
+def test_eval_on_a_run_measures_the_data_as_the_run_did(hf_model, tmp_path):
+    """One home per setting: `eval RUN` cuts rows at the run's data.max_seq_length and counts reasoning as
+    the run's data.reasoning says; a flag still wins; a plain model gets the recipe defaults."""
+    from mlx_gemma_tune import session, trainer
+
+    thought = "Seventeen has no divisors but one and itself, so it is prime."
+    rows = [{"messages": [{"role": "user", "content": "Is 17 prime?"},
+                          {"role": "assistant", "content": "Yes.", "reasoning_content": thought}]},
+            {"messages": [{"role": "user", "content": " ".join(["Please answer this long question."] * 12)},
+                          {"role": "assistant", "content": "No."}]}]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = hf_model("gemma4_edge")
+    run = tmp_path / "run"
+    trainer.run(session.prepare_run(model=str(model), data=str(data), out=str(run), sets=(
+        "train.iters=1", "data.valid_fraction=0", "data.max_seq_length=48", "data.reasoning=drop")))
+
+    def tokens(*args):
+        res = run_cli(["eval", *args, "--data", data, "--json"])
+        assert res.exit_code == 0, res.output
+        return json.loads(res.stdout)
+
+    on_run, on_model = tokens(run), tokens(model)
+    assert on_run["rows"] == 1 and on_run["dropped"] == [f"{data}:2"]  # cut at 48 tokens: row 2 has no answer left
+    assert on_model["rows"] == 2 and on_model["dropped"] == []  # the default 2048 keeps both
+    from mlx_lm.utils import load_tokenizer
+
+    hf = load_tokenizer(model)
+    answer_only = len(hf.encode("Yes.<turn|>\n", add_special_tokens=False))
+    assert on_run["tokens"] == answer_only  # data.reasoning: drop, as the run trained
+    assert on_model["tokens"] > answer_only + len(hf.encode(thought, add_special_tokens=False))  # thought trained
+    assert tokens(run, "--max-seq-length", "2048")["rows"] == 2  # an explicit flag wins
