@@ -214,18 +214,20 @@ def _examples(tokenizer, splits: dict, recipe: recipes.Recipe, images: bool = Fa
 
 def train(recipe: str | None = None, *, model: str | None = None, data: str | None = None, out: str | None = None,
           sets: tuple[str, ...] | list[str] = (), resume: str | None = None, force: bool = False,
-          progress: Callable[[str], None] | None = None, callback=None):
-    """Train a LoRA / QLoRA / DoRA adapter, as `mlx-gemma-tune train` does; returns trainer.TrainSummary.
+          progress: Callable[[str], None] | None = None, callback=None, loss=None):
+    """Train a LoRA / QLoRA / DoRA adapter, as `mlx-gemma-tune train` does; returns a
+    train_state.TrainSummary.
 
     `recipe` is a shipped recipe name or a YAML path (None: the defaults); model / data / out override
     model.path, data.path and the run directory; `sets` are "key=value" overrides (`--set`); `resume`
     continues a run directory exactly. The base is converted (and quantized for QLoRA) into the cache
-    on first use. `progress(message)` hears each preparation stage; `callback` gets the trainer's
-    reports (see ui_train.TrainDashboard for the methods it may have). Training itself is mlx-lm's
+    on first use. `progress(message)` hears each preparation stage; `callback` (a
+    train_state.TrainCallback) gets the trainer's typed reports; `loss` replaces the objective
+    (train_state.LossFunction; default the masked cross-entropy). Training itself is mlx-lm's
     LoRA layers on our loop: chunked loss over the vocabulary, masks from the chat template, exact
     resume. Raises UserError (and its subclasses) for bad recipes, data, models or run directories."""
     from mlx_gemma_tune import trainer
 
     prepared = prepare_run(recipe, model=model, data=data, out=out, sets=tuple(sets), resume=resume, force=force,
                            progress=progress)
-    return trainer.run(prepared, callback=callback)
+    return trainer.run(prepared, callback=callback, loss=loss)

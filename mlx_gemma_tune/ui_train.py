@@ -6,6 +6,7 @@ from __future__ import annotations
 from rich.table import Table
 
 from mlx_gemma_tune import ui
+from mlx_gemma_tune.train_state import RunStart, TrainCallback, TrainReport, ValReport
 
 SPARK = "▁▂▃▄▅▆▇█"
 
@@ -19,8 +20,8 @@ def sparkline(values: list[float], width: int = 24) -> str:
     return "".join(SPARK[min(len(SPARK) - 1, int((v - lo) / span * (len(SPARK) - 1)))] for v in vals)
 
 
-class TrainDashboard:
-    """The live training view, fed by the trainer's callbacks.
+class TrainDashboard(TrainCallback):
+    """The live training view, fed by the trainer's callbacks (train_state.TrainCallback).
 
     On a terminal: a progress bar with ETA and a live table. Otherwise (CI, pipes, logs):
     one plain line per report, so logs stay readable.
@@ -30,8 +31,8 @@ class TrainDashboard:
         self.console = console or ui.out
         self.live = None
         self.losses: list[float] = []
-        self.last: dict = {}
-        self.val: dict = {}
+        self.last: TrainReport | None = None
+        self.val: ValReport | None = None
         self.total = 0
         self.start_step = 0
 
@@ -49,52 +50,54 @@ class TrainDashboard:
             self.live = None
 
     # -- callbacks ----------------------------------------------------------------------------
-    def on_event(self, kind: str, info: dict) -> None:
-        if kind == "start":
-            self.total, self.start_step = info["total_steps"], info["start_step"]
-            resumed = f", resuming after step {self.start_step}" if self.start_step else ""
-            self.console.print(f"Training {info['modules']} adapted modules ({ui.human_count(info['trainable_parameters'])} "
-                               f"trainable parameters) on {info['train_rows']} rows, {info['valid_rows']} validation "
-                               f"rows, {self.total} steps{resumed} -> {info['run_dir']}", soft_wrap=True)
-            if info.get("memory_estimate_gb") is not None:
-                packed = f"{info['packed_sequences']} packed sequences; " if info.get("packed_sequences") else ""
-                budget = f" of a {info['memory_budget_gb']:.1f} GiB budget" if info.get("memory_budget_gb") else ""
-                ckpt = "on" if info.get("grad_checkpoint") else "off"
-                self.console.print(f"{packed}estimated peak memory {info['memory_estimate_gb']:.2f} GiB{budget} "
-                                   f"without gradient checkpointing; checkpointing {ckpt}", soft_wrap=True)
-            if self.console.is_terminal:
-                from rich.live import Live
-                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    def on_start(self, start: RunStart) -> None:
+        self.total, self.start_step = start.total_steps, start.start_step
+        resumed = f", resuming after step {self.start_step}" if self.start_step else ""
+        self.console.print(f"Training {start.modules} adapted modules ({ui.human_count(start.trainable_parameters)} "
+                           f"trainable parameters) on {start.train_rows} rows, {start.valid_rows} validation "
+                           f"rows, {self.total} steps{resumed} -> {start.run_dir}", soft_wrap=True)
+        if start.memory_estimate_gb is not None:
+            packed = f"{start.packed_sequences} packed sequences; " if start.packed_sequences else ""
+            budget = f" of a {start.memory_budget_gb:.1f} GiB budget" if start.memory_budget_gb else ""
+            ckpt = "on" if start.grad_checkpoint else "off"
+            self.console.print(f"{packed}estimated peak memory {start.memory_estimate_gb:.2f} GiB{budget} "
+                               f"without gradient checkpointing; checkpointing {ckpt}", soft_wrap=True)
+        if self.console.is_terminal:
+            from rich.live import Live
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-                self.progress = Progress(TextColumn("step"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-                self.task = self.progress.add_task("train", total=self.total, completed=self.start_step)
-                self.live = Live(self._render(), console=self.console, refresh_per_second=4)
-                self.live.start()
-        elif kind == "early_stop":
-            self._line(f"early stop at step {info['step']}: no better validation loss since step {info['best_step']}")
-        elif kind == "end":
-            self._stop()
+            self.progress = Progress(TextColumn("step"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+            self.task = self.progress.add_task("train", total=self.total, completed=self.start_step)
+            self.live = Live(self._render(), console=self.console, refresh_per_second=4)
+            self.live.start()
 
-    def on_train_report(self, info: dict) -> None:
-        self.last = info
-        self.losses.append(info["loss"])
+    def on_early_stop(self, step: int, best_step: int | None) -> None:
+        self._line(f"early stop at step {step}: no better validation loss since step {best_step}")
+
+    def on_end(self, summary) -> None:
+        self._stop()
+
+    def on_train_report(self, report: TrainReport) -> None:
+        self.last = report
+        self.losses.append(report.loss)
         if self.live is not None:
-            self.progress.update(self.task, completed=info["step"])
+            self.progress.update(self.task, completed=report.step)
             self.live.update(self._render())
         else:
+            r = report
             self.console.print(
-                f"step {info['step']}/{info['total_steps']} epoch {info['epoch']} loss {info['loss']:.4f} "
-                f"smoothed {info['smoothed_loss']:.4f} lr {info['lr']:.2e} tok/s {info['tokens_per_sec']:.0f} "
-                f"it/s {info['it_per_sec']:.2f} peak {info['peak_memory_gb']:.2f} GB", soft_wrap=True)
+                f"step {r.step}/{r.total_steps} epoch {r.epoch} loss {r.loss:.4f} smoothed {r.smoothed_loss:.4f} "
+                f"lr {r.lr:.2e} tok/s {r.tokens_per_sec:.0f} it/s {r.it_per_sec:.2f} peak {r.peak_memory_gb:.2f} GB",
+                soft_wrap=True)
 
-    def on_val_report(self, info: dict) -> None:
-        self.val = info
+    def on_val_report(self, report: ValReport) -> None:
+        self.val = report
         if self.live is not None:
             self.live.update(self._render())
         else:
-            mark = " (best)" if info["improved"] else ""
-            self.console.print(f"step {info['step']} val_loss {info['val_loss']:.4f}{mark} "
-                               f"best {info['best_val_loss']:.4f} at step {info['best_step']}", soft_wrap=True)
+            mark = " (best)" if report.improved else ""
+            self.console.print(f"step {report.step} val_loss {report.val_loss:.4f}{mark} "
+                               f"best {report.best_val_loss:.4f} at step {report.best_step}", soft_wrap=True)
 
     def _line(self, text: str) -> None:
         (self.live.console if self.live is not None else self.console).print(text, soft_wrap=True)
@@ -107,15 +110,15 @@ class TrainDashboard:
         t.add_column()
         last = self.last
         if last:
-            t.add_row("epoch", str(last["epoch"]))
-            t.add_row("loss", f"{last['loss']:.4f}  (smoothed {last['smoothed_loss']:.4f})  {sparkline(self.losses)}")
+            t.add_row("epoch", str(last.epoch))
+            t.add_row("loss", f"{last.loss:.4f}  (smoothed {last.smoothed_loss:.4f})  {sparkline(self.losses)}")
         if self.val:
-            t.add_row("val loss", f"{self.val['val_loss']:.4f}  (best {self.val['best_val_loss']:.4f} at step "
-                      f"{self.val['best_step']})")
+            t.add_row("val loss", f"{self.val.val_loss:.4f}  (best {self.val.best_val_loss:.4f} at step "
+                      f"{self.val.best_step})")
         if last:
-            t.add_row("lr", f"{last['lr']:.2e}")
-            t.add_row("speed", f"{last['tokens_per_sec']:.0f} tok/s, {last['it_per_sec']:.2f} it/s")
-            t.add_row("peak memory", f"{last['peak_memory_gb']:.2f} GB")
+            t.add_row("lr", f"{last.lr:.2e}")
+            t.add_row("speed", f"{last.tokens_per_sec:.0f} tok/s, {last.it_per_sec:.2f} it/s")
+            t.add_row("peak memory", f"{last.peak_memory_gb:.2f} GB")
         return Group(self.progress, t)
 
 

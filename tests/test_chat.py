@@ -155,13 +155,16 @@ def test_prompts_file_problems(trained_run, tmp_path):
     assert_one_line_error(run_cli(["generate", trained_run("gemma3_text")]), "exactly one of --prompt", code=2)
 
 
-def test_a_run_whose_base_is_gone_names_it_and_the_command_that_recreates_it(hf_model, tmp_path):
+def test_a_run_whose_base_is_gone_names_it_and_the_command_that_recreates_it(hf_model, tmp_path, monkeypatch):
     """Opening a run never converts: chat / generate / eval / export on a run whose (quantized,
     cached) base was removed say which base and how to recreate it, in one line, and write nothing."""
     import shlex
+    import shutil
 
     from helpers import snapshot
     from mlx_gemma_tune import session, trainer
+
+    monkeypatch.setenv("MLX_GEMMA_TUNE_CACHE", str(tmp_path / "cache"))  # a base of its own to remove
 
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"prompt": "Hi", "completion": "Hello."}) + "\n")
@@ -170,8 +173,8 @@ def test_a_run_whose_base_is_gone_names_it_and_the_command_that_recreates_it(hf_
                                     sets=("train.iters=1", "model.quantize=4", "data.valid_fraction=0")))
     base = Path(json.loads((run / "base.json").read_text())["base"])
     assert (base / "config.json").is_file() and base != hf_model("gemma3_text")  # the 4-bit base in the cache
-    hidden = base.with_name(base.name + ".away")
-    base.rename(hidden)
+    assert tmp_path / "cache" in base.parents
+    shutil.rmtree(base)
     before = snapshot(tmp_path, quick=True)
     for args in (["chat", run], ["generate", run, "--prompt", "Hi"], ["eval", run, "--data", data],
                  ["export", run, "--format", "peft", "-o", tmp_path / "peft"]):

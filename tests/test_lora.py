@@ -116,7 +116,7 @@ def quantized(hf_model, tmp_path_factory):
 def _train(model_dir, method, steps=30, lr=1e-3, chat=CHAT, tmp=None):
     import mlx.optimizers as optim
 
-    from mlx_gemma_tune import data, lora, models, trainer
+    from mlx_gemma_tune import data, lora, models, train_step
 
     model, tokenizer, config = models.load(model_dir)
     settings = lora.LoraSettings(rank=8, alpha=16, dropout=0.0, method=method)
@@ -125,7 +125,7 @@ def _train(model_dir, method, steps=30, lr=1e-3, chat=CHAT, tmp=None):
     path.write_text("\n".join(json.dumps(r) for r in chat) + "\n")
     examples, _ = data.load_examples(tokenizer, path)
     batches = itertools.islice(itertools.cycle(list(data.batches(examples, 4))), steps)
-    result = trainer.fit(model, batches, optim.Adam(learning_rate=lr))
+    result = train_step.fit(model, batches, optim.Adam(learning_rate=lr))
     return model, config, settings, result
 
 
@@ -154,7 +154,7 @@ def test_nan_stops_training_with_a_clear_message(hf_model, tmp_path):
     import mlx.core as mx
     import mlx.optimizers as optim
 
-    from mlx_gemma_tune import errors, lora, models, trainer
+    from mlx_gemma_tune import errors, lora, models, train_step
 
     model, _, config = models.load(hf_model("gemma3_text"))
     lora.apply(model, config, lora.LoraSettings(rank=4, alpha=8, dropout=0.0))
@@ -163,7 +163,7 @@ def test_nan_stops_training_with_a_clear_message(hf_model, tmp_path):
     before = {k: v for k, v in __import__("mlx.utils", fromlist=["x"]).tree_flatten(model.trainable_parameters())}
     model.model.embed_tokens.weight = mx.full(model.model.embed_tokens.weight.shape, float("nan"))
     with pytest.raises(errors.NonFiniteError) as err:
-        trainer.fit(model, [good, good], optim.Adam(learning_rate=1e-3))
+        train_step.fit(model, [good, good], optim.Adam(learning_rate=1e-3))
     assert "step 1" in err.value.one_line() and "not updated" in err.value.one_line()
     after = dict(__import__("mlx.utils", fromlist=["x"]).tree_flatten(model.trainable_parameters()))
     assert all(bool(mx.array_equal(before[k], after[k])) for k in before)

@@ -16,14 +16,14 @@ _MEASURE = """
 import json, sys
 import mlx.core as mx
 import mlx.optimizers as optim
-from mlx_gemma_tune import data, lora, losses, memory, models, packing, trainer
+from mlx_gemma_tune import data, lora, losses, memory, models, packing, train_step
 
 path, batch, seq = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 model, config = models.load_model(path)
 mx.random.seed(0)
 lora.apply(model, config, lora.LoraSettings(rank=8, alpha=16, dropout=0.0))
 rows = [data.Example(tokens=list(range(3, seq + 4)), mask=[True] * (seq + 1), source="r") for _ in range(batch)]
-step = trainer.make_step(model, optim.AdamW(learning_rate=1e-4), compile=False)
+step = train_step.make_step(model, optim.AdamW(learning_rate=1e-4), compile=False)
 mx.clear_cache()
 mx.reset_peak_memory()
 for _ in range(2):

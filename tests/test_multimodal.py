@@ -190,13 +190,10 @@ def test_export_keeps_the_towers_and_matches_mlx_on_an_image(image_run, image_da
 def test_an_interrupted_image_run_resumes_exactly(hf_model, image_data, image_run, tmp_path):
     from mlx_gemma_tune import session, trainer
 
-    class StopAt5:
-        def on_train_report(self, info):
-            if info["step"] == 5:
+    class StopAt5(trainer.TrainCallback):
+        def on_train_report(self, report):
+            if report.step == 5:
                 control.request_stop()
-
-        def on_val_report(self, info):
-            pass
 
     control = trainer.Control()
     run = tmp_path / "run"

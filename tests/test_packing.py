@@ -118,7 +118,7 @@ def test_compiled_and_eager_steps_train_the_same(hf_model):
     import mlx.core as mx
     import mlx.optimizers as optim
 
-    from mlx_gemma_tune import packing, trainer
+    from mlx_gemma_tune import packing, train_step
 
     ex = _examples()
     batches = [packing.batch_arrays([[ex[0], ex[1]], [ex[2], ex[3]]]), packing.batch_arrays([[ex[2]], [ex[0]]]),
@@ -127,7 +127,7 @@ def test_compiled_and_eager_steps_train_the_same(hf_model):
     def run(compiled):
         model = _lora_model(hf_model("gemma3_text"), dropout=0.1)
         mx.random.seed(3)
-        return trainer.fit(model, batches, optim.Adam(learning_rate=1e-2), compile=compiled, chunk=4).losses
+        return train_step.fit(model, batches, optim.Adam(learning_rate=1e-2), compile=compiled, chunk=4).losses
 
     eager = run(False)
     mx.enable_compile()  # the suite disables it (MLX_DISABLE_COMPILE=1) to save kernel build time

@@ -8,6 +8,7 @@ import math
 import pytest
 
 from helpers import REPEATED_RTOL, adapter_values, assert_one_line_error, assert_same_training, run_cli, snapshot
+from mlx_gemma_tune.train_state import TrainCallback
 
 QA = [("Capital of France?", "Paris."), ("Two plus two?", "Four."), ("Colour of the sky?", "Blue."),
       ("Opposite of hot?", "Cold."), ("First letter?", "A."), ("Largest ocean?", "Pacific."),
@@ -135,18 +136,15 @@ def test_every_format_trains(kind, container, hf_model, tmp_path):
     assert (run / "adapters.safetensors").is_file()
 
 
-class StopAt:
+class StopAt(TrainCallback):
     """A callback that asks the trainer to stop after a given step (as Ctrl-C does)."""
 
     def __init__(self, control, step):
         self.control, self.step = control, step
 
-    def on_train_report(self, info):
-        if info["step"] == self.step:
+    def on_train_report(self, report):
+        if report.step == self.step:
             self.control.request_stop()
-
-    def on_val_report(self, info):
-        pass
 
 
 @pytest.mark.parametrize("extra", [(), ("data.pack=true", "data.max_seq_length=128", "train.grad_checkpoint=true")],
@@ -197,22 +195,13 @@ def test_interrupted_cli_run_prints_resume_command(hf_model, tmp_path, monkeypat
     assert (tmp_path / "r" / "checkpoints" / "step-00000002").is_dir()
 
 
-class _Both:
+class _Both(TrainCallback):
+    """Every callback of cbs hears every call."""
+
     def __init__(self, *cbs):
         self.cbs = [c for c in cbs if c is not None]
-
-    def on_train_report(self, info):
-        for c in self.cbs:
-            c.on_train_report(info)
-
-    def on_val_report(self, info):
-        for c in self.cbs:
-            c.on_val_report(info)
-
-    def on_event(self, kind, info):
-        for c in self.cbs:
-            if hasattr(c, "on_event"):
-                c.on_event(kind, info)
+        for name in ("on_start", "on_train_report", "on_val_report", "on_checkpoint", "on_early_stop", "on_end"):
+            setattr(self, name, lambda *a, _name=name: [getattr(c, _name)(*a) for c in self.cbs])
 
 
 def test_early_stopping_keeps_the_best_adapter(hf_model, tmp_path):
@@ -502,3 +491,39 @@ def test_lr_schedules_drive_adamw(kind):
             assert seen[warmup:] == pytest.approx([1e-2] * (10 - warmup))
         else:
             assert seen[-1] < seen[warmup]
+
+
+def test_typed_state_and_reports_keep_the_files_and_the_loss_plugs_in(hf_model, tmp_path):
+    """metrics.jsonl and state.json keep their format (old checkpoints load: missing keys take their
+    defaults), and an objective passed to trainer.run is the one trained and reported."""
+    from mlx_gemma_tune import losses, session, trainer
+    from mlx_gemma_tune.train_state import TrainState
+
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows())
+    sets = ("train.iters=2", "train.report_every=1", "data.valid_fraction=0.25", "train.eval_every=2", "lora.rank=4")
+
+    def prepared(out):
+        return session.prepare_run(model=str(hf_model("gemma3_text")), data=str(data), out=str(tmp_path / out),
+                                   sets=sets)
+
+    trainer.run(prepared("plain"))
+    records = [json.loads(x) for x in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()]
+    assert list(records[0]) == ["type", "step", "total_steps", "epoch", "loss", "smoothed_loss", "lr",
+                                "tokens_per_sec", "it_per_sec", "peak_memory_gb", "grad_norm"]
+    assert list(records[-1]) == ["type", "step", "val_loss", "best_val_loss", "best_step", "improved"]
+    state = json.loads(next((tmp_path / "plain" / "checkpoints").glob("*/state.json")).read_text())
+    assert set(state) == {"step", "best_val_loss", "best_step", "bad_evals", "ema", "metrics_lines", "tokens",
+                          "adapter_from_step"}
+    old = TrainState.from_dict({"step": 7, "ema": 1.5, "unknown_later_key": 1})  # older / newer state.json
+    assert (old.step, old.ema, old.tokens, old.adapter_from_step) == (7, 1.5, 0, None)
+
+    calls = []
+
+    def doubled(*args, **kwargs):  # another objective: twice the cross-entropy
+        calls.append(1)
+        total, count = losses.masked_cross_entropy(*args, **kwargs)
+        return 2 * total, count
+
+    trainer.run(prepared("doubled"), loss=doubled)
+    first = json.loads((tmp_path / "doubled" / "metrics.jsonl").read_text().splitlines()[0])
+    assert calls and first["loss"] == pytest.approx(2 * records[0]["loss"], rel=1e-5)  # step 1: same weights
