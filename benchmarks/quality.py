@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     args = ap.parse_args()
 
-    from mlx_gemma_tune import dataset_files, demo, session, trainer
+    from mlx_gemma_tune import dataset_files, demo, prepare, trainer
 
     model = Path(args.model) if args.model else demo.mlx_model()
     data_dir = dataset_files.EXAMPLES_DIR / "extraction"
@@ -64,7 +64,7 @@ def main() -> None:
     t = time.time()
     sets = (f"train.iters={args.steps}", "train.lr=2e-4", "train.warmup_ratio=0.1", "train.batch_size=4",
             f"train.eval_every={args.steps}", f"train.save_every={args.steps}", "data.max_seq_length=256")
-    trainer.run(session.prepare_run(model=str(model), data=str(data_dir), out=str(work / "ours"), sets=sets))
+    trainer.run(prepare.prepare_run(model=str(model), data=str(data_dir), out=str(work / "ours"), sets=sets))
     ours_time = time.time() - t
     acc, _ = score(model, work / "ours", rows)
     table.append(("mlx-gemma-tune", acc, ours_time))

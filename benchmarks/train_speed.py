@@ -114,14 +114,14 @@ def run_mlx_lm(path: Path, rows: list[dict], batch: int, seq: int, steps: int, w
 
 def _prepare(path: Path, data_file: Path, batch: int, seq: int, steps: int, work: Path, pack: bool, ckpt: bool,
              name: str):
-    from mlx_gemma_tune import session
+    from mlx_gemma_tune import prepare
 
     sets = (f"train.iters={steps}", f"train.batch_size={batch}", "train.report_every=1", "train.eval_every=100000",
             "train.save_every=100000", f"train.lr={LR}", "train.warmup_ratio=0", "train.schedule=constant",
             "train.weight_decay=0", "data.valid_fraction=0", f"data.max_seq_length={seq}", f"data.pack={pack}",
             f"train.grad_checkpoint={str(ckpt).lower()}", f"lora.rank={RANK}", f"lora.alpha={2 * RANK}",
             "lora.dropout=0", "train.max_grad_norm=null")
-    return session.prepare_run(model=str(path), data=str(data_file), out=str(work / name), sets=sets, force=True)
+    return prepare.prepare_run(model=str(path), data=str(data_file), out=str(work / name), sets=sets, force=True)
 
 
 def estimate_ours(path: Path, data_file: Path, batch: int, seq: int, work: Path, *, pack: bool, ckpt: bool):

@@ -6,7 +6,7 @@ The Python API (each name imported on first use, so importing the package stays 
     convert_model   a Hugging Face checkpoint -> an MLX model directory, optionally 4/8-bit (convert.convert)
     load_recipe     a shipped recipe or YAML file with overrides, resolved and checked (recipe.load_recipe)
     check_data      rows, formats, token lengths, refused rows of a dataset (data_check.check)
-    train           train an adapter; returns the run's summary (session.train)
+    train           train an adapter; returns the run's summary (prepare.train)
     ChatSession     chat with a model or run: streaming, adapter off / on / swap, base vs tuned (generate)
     evaluate_model  loss and task metrics of a model or run on a dataset (evaluate.evaluate)
     fuse            merge a run's adapter into its base as an MLX model (merge.fuse)
@@ -22,7 +22,7 @@ _API = {
     "convert_model": ("convert", "convert"),
     "load_recipe": ("recipe", "load_recipe"),
     "check_data": ("data_check", "check"),
-    "train": ("session", "train"),
+    "train": ("prepare", "train"),
     "ChatSession": ("generate", "ChatSession"),
     "evaluate_model": ("evaluate", "evaluate"),
     "fuse": ("merge", "fuse"),

@@ -129,11 +129,11 @@ def doctor(model, recipe_ref, sets, as_json):
     from mlx_gemma_tune import ui
 
     if model or recipe_ref:
-        from mlx_gemma_tune import memory, session
+        from mlx_gemma_tune import memory, prepare
 
         if not (model and recipe_ref):
             raise click.UsageError("the memory estimate needs both MODEL and --recipe")
-        recipe, _ = session.resolve_recipe(recipe_ref, model=model, data="-", sets=sets)
+        recipe, _ = prepare.resolve_recipe(recipe_ref, model=model, data="-", sets=sets)
         with ui.status("Estimating"):
             est = memory.estimate_for_model(model, recipe)
         if as_json:
@@ -226,7 +226,7 @@ def train(recipe, model, data, out, sets, quantize, mask_prompt, resume, force, 
       mlx.launch --hostfile hosts.json -- mlx-gemma-tune train gemma4-e2b-lora --data my.jsonl --distributed
     """
     from mlx_gemma_tune import distributed, ui, ui_train
-    from mlx_gemma_tune.session import prepare_run
+    from mlx_gemma_tune.prepare import prepare_run
     from mlx_gemma_tune.trainer import run
 
     sets = list(sets)

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from mlx_gemma_tune import checkpoint, families, fsio
+from mlx_gemma_tune import families, fsio, hf_checkpoint
 from mlx_gemma_tune.errors import InputError, Progress, UserError
 from mlx_gemma_tune.version import VERSION
 
@@ -81,15 +81,15 @@ def convert(
         fsio.check_output_dir(out, force=force)
 
     say("Locating the checkpoint")
-    source = checkpoint.resolve(src, revision)
-    config = checkpoint.read_config(source.path)
+    source = hf_checkpoint.resolve(src, revision)
+    config = hf_checkpoint.read_config(source.path)
     detected = families.detect(config, where=str(source.path / "config.json"))
-    if not checkpoint.has_tokenizer(source.path):
+    if not hf_checkpoint.has_tokenizer(source.path):
         raise InputError("has no tokenizer (tokenizer.json or tokenizer.model)", where=str(source.path),
                          hint="copy the tokenizer files of the original model next to config.json")
     say("Checking weight files")
-    files = [checkpoint.inspect_weights(p) for p in checkpoint.weight_files(source.path)]
-    checkpoint.check_float_weights(files, source.path)
+    files = [hf_checkpoint.inspect_weights(p) for p in hf_checkpoint.weight_files(source.path)]
+    hf_checkpoint.check_float_weights(files, source.path)
     if multimodal:
         return _convert_multimodal(source, files, config, detected, out, dtype or _source_dtype(config), quantize,
                                    started, say)
@@ -142,7 +142,7 @@ def _provenance(source, files, config: dict, detected, conversion: dict) -> dict
             "path": str(source.path),
             "repo_id": source.repo_id,
             "revision": source.revision,
-            "weights_sha256": checkpoint.combined_hash(files),
+            "weights_sha256": hf_checkpoint.combined_hash(files),
             "files": {f.name: {"size": f.size, "sha256": f.sha256} for f in files},
         },
         "family": detected.family.name,
@@ -171,8 +171,8 @@ def _convert_multimodal(source, files, config: dict, detected, out: Path, dtype:
         (tmp / "README.md").unlink(missing_ok=True)  # mlx-vlm's model card names a hub repo this is not
         conversion = {"dtype": dtype, "quantization": None, "multimodal": True, "converter": "mlx-vlm"}
         fsio.atomic_write_json(tmp / PROVENANCE_FILE, _provenance(source, files, config, detected, conversion))
-    parameters = sum(math.prod(shape) for f in checkpoint.weight_files(out)
-                     for _, shape in checkpoint.inspect_weights(f, hash_it=False).tensors.values())
+    parameters = sum(math.prod(shape) for f in hf_checkpoint.weight_files(out)
+                     for _, shape in hf_checkpoint.inspect_weights(f, hash_it=False).tensors.values())
     return ConvertResult(family=detected.family.display, variant=detected.variant, model_type=detected.model_type,
                          source=source.describe(), output=str(out), dtype=dtype or "as stored", parameters=parameters,
                          quantization=None, size_bytes=fsio.dir_size(out),
@@ -256,7 +256,7 @@ def _quantize(model, config: dict, bits: int, group_size: int):
     return config, quantized, kept_high, left_alone
 
 
-def _dropped_components(files: list[checkpoint.WeightFile]) -> list[dict]:
+def _dropped_components(files: list[hf_checkpoint.WeightFile]) -> list[dict]:
     tally: dict[str, list[int]] = {}
     for f in files:
         for name, (_dtype, shape) in f.tensors.items():
@@ -323,7 +323,7 @@ def base_dir_for(src: str, quantize: int | None = None) -> Path:
 
     local = Path(src).expanduser()
     if local.is_dir():
-        config = checkpoint.read_config(local)
+        config = hf_checkpoint.read_config(local)
         families.detect(config, where=str(local / "config.json"))
         have = (config.get("quantization") or {}).get("bits")
         if quantize is None or have == quantize:

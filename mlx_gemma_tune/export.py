@@ -1,4 +1,4 @@
-"""Fuse adapters and go back to Hugging Face: a merged MLX model, a transformers checkpoint, a PEFT adapter.
+"""Back to Hugging Face: a transformers checkpoint of a run merged in full precision (merge.py merges).
 
 The way back is declarative: per original model_type, a table of key prefixes maps MLX
 names to Hugging Face names (one function each way, tested as a round trip), MoE experts
@@ -14,8 +14,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mlx_gemma_tune import checkpoint, families, fsio
+from mlx_gemma_tune import families, fsio, hf_checkpoint
 from mlx_gemma_tune.errors import Progress, UserError
+from mlx_gemma_tune.merge import load_merged
 
 # (MLX prefix, Hugging Face prefix) per original model_type; unlisted names are identical.
 KEY_PREFIXES: dict[str, list[tuple[str, str]]] = {
@@ -92,51 +93,6 @@ def to_mlx_tensors(model_type: str, weights: dict) -> dict:
 # ---- loading a run or a fused model, merged ------------------------------------------------
 
 
-@dataclass
-class Merged:
-    model: object
-    tokenizer: object
-    config: dict  # MLX config (no quantization keys)
-    source: Path  # the original Hugging Face checkpoint
-    model_type: str  # the source's model_type
-    adapter: Path | None
-    fused_layers: int
-    base: Path
-
-
-def fuse_in_place(model) -> int:
-    """Replace every LoRA/DoRA layer by its full-precision merge; returns how many."""
-    from mlx.utils import tree_unflatten
-
-    fused = [(p, m.fuse(dequantize=True)) for p, m in model.named_modules() if "lora_a" in m and hasattr(m, "fuse")]
-    if fused:
-        model.update_modules(tree_unflatten(fused))
-    return len(fused)
-
-
-def load_merged(run_or_model: str, base: str | None = None, progress: Progress | None = None) -> Merged:
-    """A run's base + adapter merged in full precision, or an already fused model, dequantized."""
-    from mlx_lm.utils import dequantize_model
-
-    from mlx_gemma_tune import lora, models, rundir
-
-    say = progress or (lambda _m: None)
-    base_dir, adapter = rundir.resolve_target(run_or_model)
-    base_dir = models.resolve_model_dir(base_dir)  # (a run without an adapter was refused just above)
-    source = checkpoint.source_of(base_dir, base)
-    source_config = checkpoint.read_config(source)
-    say("Loading the model")
-    model, tokenizer, config = models.load(base_dir)
-    n = 0
-    if adapter is not None:
-        lora.load(model, config, adapter)
-        say("Merging the adapter in full precision")
-        n = fuse_in_place(model)
-    model = dequantize_model(model)
-    config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
-    return Merged(model, tokenizer, config, source, source_config["model_type"], adapter, n, base_dir)
-
-
 # ---- Hugging Face checkpoint ----------------------------------------------------------------
 
 
@@ -173,14 +129,14 @@ def export_hf(run_or_fused: str, out: str, *, dtype: str | None = None, base: st
     out_p = Path(out).expanduser()
     fsio.check_output_dir(out_p, force=force, inputs=(Path(run_or_fused),))
     merged = load_merged(run_or_fused, base, progress)
-    source_config = checkpoint.read_config(merged.source)
+    source_config = hf_checkpoint.read_config(merged.source)
     hf_prefixes(merged.model_type)
     target = dtype or _config_dtype(source_config) or "float32"
     say("Mapping weights to Hugging Face names")
     ours = to_hf_tensors(merged.model_type, dict(tree_flatten(merged.model.parameters())))
     source_keys: dict[str, Path] = {}
-    for f in checkpoint.weight_files(merged.source):
-        for name in checkpoint.inspect_weights(f, hash_it=False).tensors:
+    for f in hf_checkpoint.weight_files(merged.source):
+        for name in hf_checkpoint.inspect_weights(f, hash_it=False).tensors:
             source_keys[name] = f
     extra = sorted(set(ours) - set(source_keys))
     if extra:  # a mapping bug, never silently written

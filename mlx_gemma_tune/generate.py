@@ -90,10 +90,10 @@ class ChatSession:
 
         base, run_adapter = resolve_target(model_or_run)
         if images or audio:
-            from mlx_gemma_tune import checkpoint, multimodal
+            from mlx_gemma_tune import hf_checkpoint, multimodal
 
             source = multimodal.vision_source(models.resolve_model_dir(base))
-            config = checkpoint.read_config(source)
+            config = hf_checkpoint.read_config(source)
             multimodal.check_model(config, str(source), audio)
             model, processor = multimodal.load(source, audio=audio)
             session = cls(model, processor.tokenizer, config, base_path=base, processor=processor, **kwargs)

@@ -24,9 +24,10 @@ import re
 import time
 from pathlib import Path
 
-from mlx_gemma_tune import checkpoint, fsio, gguf_vocab
-from mlx_gemma_tune.errors import OutputError, UserError
-from mlx_gemma_tune.export import ExportResult, Progress, load_merged, to_hf_tensors
+from mlx_gemma_tune import fsio, gguf_vocab, hf_checkpoint
+from mlx_gemma_tune.errors import OutputError, Progress, UserError
+from mlx_gemma_tune.export import ExportResult, to_hf_tensors
+from mlx_gemma_tune.merge import load_merged
 
 OUTTYPES = ("f16", "bf16", "q8_0")
 # source model_type -> GGUF architecture
@@ -49,7 +50,7 @@ def export_gguf(run_or_fused: str, out: str, *, outtype: str = "f16", base: str 
     _check_output(out_p, force, Path(run_or_fused), ollama)
     arch_name = _architecture(run_or_fused, base)  # before the (slow) load and merge
     merged = load_merged(run_or_fused, base, progress)
-    source_config = checkpoint.read_config(merged.source)
+    source_config = hf_checkpoint.read_config(merged.source)
     text = source_config.get("text_config") or source_config
 
     from mlx.utils import tree_flatten
@@ -87,8 +88,8 @@ def _architecture(run_or_fused: str, base: str | None) -> str:
     from mlx_gemma_tune import models, rundir
 
     base_dir, _ = rundir.resolve_target(run_or_fused)
-    source = checkpoint.source_of(models.resolve_model_dir(base_dir), base)
-    model_type = checkpoint.read_config(source).get("model_type")
+    source = hf_checkpoint.source_of(models.resolve_model_dir(base_dir), base)
+    model_type = hf_checkpoint.read_config(source).get("model_type")
     if model_type in SUPPORTED:
         return SUPPORTED[model_type]
     why = REFUSED.get(model_type, f"the gguf package defines no architecture for model_type '{model_type}'")

@@ -186,7 +186,7 @@ def load(model, config: dict, adapter_dir: Path) -> LoraSettings:
         raise InputError(f"adapter targets {len(absent)} modules this model does not have (e.g. '{absent[0]}')",
                          where=str(adapter_dir), hint=trained_on)
     apply(model, config, settings)
-    from mlx_gemma_tune.checkpoint import load_safetensors
+    from mlx_gemma_tune.hf_checkpoint import load_safetensors
 
     weights = load_safetensors(adapter_dir / ADAPTER_WEIGHTS)
     if "embed_vision" not in present:

@@ -132,7 +132,7 @@ def activation_bytes(model) -> int:
 
 
 def estimate_for_run(prepared, bins=None, grad_checkpoint: bool = False, ranks: int = 1) -> Estimate:
-    """The estimate for a prepared run (session.prepare_run), at its largest micro-batch (per rank:
+    """The estimate for a prepared run (prepare.prepare_run), at its largest micro-batch (per rank:
     a distributed run holds 1/ranks of each global batch on each Mac)."""
     p = prepared
     batch = -(-p.recipe.train.batch_size // ranks)

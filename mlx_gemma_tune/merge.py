@@ -1,4 +1,5 @@
-"""Merging a run's adapter into its base, in full precision; optionally re-quantized, with the error shown."""
+"""Merging a run's adapter into its base, in full precision (load_merged: every export starts here; fuse:
+an MLX model directory, optionally re-quantized, with the error shown)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,54 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mlx_gemma_tune import checkpoint, fsio
+from mlx_gemma_tune import fsio, hf_checkpoint
 from mlx_gemma_tune.errors import InputError, Progress, UserError
-from mlx_gemma_tune.export import load_merged
+
+
+@dataclass
+class Merged:
+    model: object
+    tokenizer: object
+    config: dict  # MLX config (no quantization keys)
+    source: Path  # the original Hugging Face checkpoint
+    model_type: str  # the source's model_type
+    adapter: Path | None
+    fused_layers: int
+    base: Path
+
+
+def fuse_in_place(model) -> int:
+    """Replace every LoRA/DoRA layer by its full-precision merge; returns how many."""
+    from mlx.utils import tree_unflatten
+
+    fused = [(p, m.fuse(dequantize=True)) for p, m in model.named_modules() if "lora_a" in m and hasattr(m, "fuse")]
+    if fused:
+        model.update_modules(tree_unflatten(fused))
+    return len(fused)
+
+
+def load_merged(run_or_model: str, base: str | None = None, progress: Progress | None = None) -> Merged:
+    """A run's base + adapter merged in full precision, or an already fused model, dequantized."""
+    from mlx_lm.utils import dequantize_model
+
+    from mlx_gemma_tune import lora, models, rundir
+
+    say = progress or (lambda _m: None)
+    base_dir, adapter = rundir.resolve_target(run_or_model)
+    base_dir = models.resolve_model_dir(base_dir)  # (a run without an adapter was refused just above)
+    source = hf_checkpoint.source_of(base_dir, base)
+    source_config = hf_checkpoint.read_config(source)
+    say("Loading the model")
+    model, tokenizer, config = models.load(base_dir)
+    n = 0
+    if adapter is not None:
+        lora.load(model, config, adapter)
+        say("Merging the adapter in full precision")
+        n = fuse_in_place(model)
+    model = dequantize_model(model)
+    config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    return Merged(model, tokenizer, config, source, source_config["model_type"], adapter, n, base_dir)
+
 
 
 @dataclass
@@ -44,7 +90,7 @@ def fuse(run_dir: str, out: str, *, requantize: int | None = None, group_size: i
     if merged.adapter is None:
         raise InputError("is not a run directory with an adapter", where=str(run_dir),
                          hint="fuse takes the directory `mlx-gemma-tune train` wrote")
-    base_config = checkpoint.read_config(merged.base)
+    base_config = hf_checkpoint.read_config(merged.base)
     quantized_base = "quantization" in base_config
     deviation = None
     config = merged.config
@@ -66,7 +112,7 @@ def fuse(run_dir: str, out: str, *, requantize: int | None = None, group_size: i
         if (merged.base / "generation_config.json").is_file():
             shutil.copyfile(merged.base / "generation_config.json", tmp / "generation_config.json")
         prov = json.loads((merged.base / "provenance.json").read_text()) if (merged.base / "provenance.json").is_file() \
-            else {"source": {"path": str(merged.source.resolve())}, "original_config": checkpoint.read_config(merged.source)}
+            else {"source": {"path": str(merged.source.resolve())}, "original_config": hf_checkpoint.read_config(merged.source)}
         prov["fused"] = {"adapter": str(merged.adapter), "base": str(merged.base), "layers": merged.fused_layers,
                          "requantized_bits": requantize, "deviation": deviation}
         fsio.atomic_write_json(tmp / "provenance.json", prov)

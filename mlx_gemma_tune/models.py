@@ -325,13 +325,13 @@ def load_model(path: Path, *, lazy: bool = False):
     from mlx_lm.utils import load_config
     from mlx_lm.utils import load_model as mlx_load_model
 
-    from mlx_gemma_tune import checkpoint, upstream
+    from mlx_gemma_tune import hf_checkpoint, upstream
 
     upstream.warn_on_load()  # the fixes below were verified on upstream.VERIFIED
     get_classes = upstream.resolve("mlx_lm.utils:_get_classes")
 
-    for f in checkpoint.weight_files(Path(path)):  # headers only: name a truncated or corrupt file
-        checkpoint.inspect_weights(f, hash_it=False)
+    for f in hf_checkpoint.weight_files(Path(path)):  # headers only: name a truncated or corrupt file
+        hf_checkpoint.inspect_weights(f, hash_it=False)
     raw = load_config(Path(path))
     if raw.get("model_type") == "gemma3n_text":
         text = {k: v for k, v in raw.items() if k not in ("architectures", "eos_token_id")}
@@ -357,12 +357,12 @@ def load(path: Path, *, lazy: bool = False):
 
 def resolve_model_dir(path) -> Path:
     """A local model directory (MLX or Hugging Face) of a Gemma family we know, or a clear error."""
-    from mlx_gemma_tune import checkpoint, families
+    from mlx_gemma_tune import families, hf_checkpoint
     from mlx_gemma_tune.errors import InputError
 
     p = Path(path).expanduser()
     if not p.is_dir():
         raise InputError("no such model directory", where=str(path),
                          hint="pass a directory made by `mlx-gemma-tune convert` or a Hugging Face model directory")
-    families.detect(checkpoint.read_config(p), where=str(p / "config.json"))
+    families.detect(hf_checkpoint.read_config(p), where=str(p / "config.json"))
     return p

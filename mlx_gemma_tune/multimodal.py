@@ -31,9 +31,9 @@ def projector_delta(adapter_dir: Path):
     """The change LoRA makes to the vision projector's weight (out, in), or None when it has none."""
     import mlx.core as mx
 
-    from mlx_gemma_tune import checkpoint, lora
+    from mlx_gemma_tune import hf_checkpoint, lora
 
-    weights = checkpoint.load_safetensors(Path(adapter_dir) / lora.ADAPTER_WEIGHTS)
+    weights = hf_checkpoint.load_safetensors(Path(adapter_dir) / lora.ADAPTER_WEIGHTS)
     if f"{PROJECTOR}.lora_a" not in weights:
         return None
     settings = lora.settings_of(adapter_dir)
@@ -58,10 +58,10 @@ def check_model(config: dict, where: str, audio: bool = False) -> None:
 
 
 def has_vision_weights(model_dir: Path) -> bool:
-    from mlx_gemma_tune import checkpoint
+    from mlx_gemma_tune import hf_checkpoint
 
-    for f in checkpoint.weight_files(model_dir):
-        if any(name.startswith(VISION_PREFIXES) for name in checkpoint.inspect_weights(f, hash_it=False).tensors):
+    for f in hf_checkpoint.weight_files(model_dir):
+        if any(name.startswith(VISION_PREFIXES) for name in hf_checkpoint.inspect_weights(f, hash_it=False).tensors):
             return True
     return False
 
@@ -69,9 +69,9 @@ def has_vision_weights(model_dir: Path) -> bool:
 def vision_source(base: Path) -> Path:
     """The directory mlx-vlm loads with the towers: the base itself if it has them (a `convert
     --multimodal` output, a Hugging Face checkpoint), else the checkpoint it was converted from."""
-    from mlx_gemma_tune import checkpoint
+    from mlx_gemma_tune import hf_checkpoint
 
-    return base if has_vision_weights(base) else checkpoint.source_of(base)
+    return base if has_vision_weights(base) else hf_checkpoint.source_of(base)
 
 
 def load(model_dir: Path, audio: bool = False):

@@ -6,10 +6,10 @@ import json
 import time
 from pathlib import Path
 
-from mlx_gemma_tune import checkpoint, fsio
-from mlx_gemma_tune.checkpoint import source_of
+from mlx_gemma_tune import fsio, hf_checkpoint
 from mlx_gemma_tune.errors import InputError, UserError
 from mlx_gemma_tune.export import ExportResult, hf_prefixes, to_hf_key
+from mlx_gemma_tune.hf_checkpoint import source_of
 
 
 def export_peft(run_dir: str, out: str, *, base: str | None = None, force: bool = False) -> ExportResult:
@@ -27,7 +27,7 @@ def export_peft(run_dir: str, out: str, *, base: str | None = None, force: bool 
                          hint="PEFT export takes the directory `mlx-gemma-tune train` wrote")
     base_dir = models.resolve_model_dir(base_dir)
     source = source_of(base_dir, base)
-    source_config = checkpoint.read_config(source)
+    source_config = hf_checkpoint.read_config(source)
     model_type = source_config["model_type"]
     hf_prefixes(model_type)
     cfg = lora.read_config(adapter)
@@ -41,7 +41,7 @@ def export_peft(run_dir: str, out: str, *, base: str | None = None, force: bool 
     if any(m.startswith("embed_vision.") for m in settings.modules):
         raise UserError("PEFT export of an adapter on the vision projector is not supported yet", where=str(run_dir),
                         hint="use --format hf for a merged checkpoint (it merges the projector too)")
-    weights = checkpoint.load_safetensors(adapter / lora.ADAPTER_WEIGHTS)
+    weights = hf_checkpoint.load_safetensors(adapter / lora.ADAPTER_WEIGHTS)
     tensors, targets = {}, []
     for path in settings.modules:
         hf_path = to_hf_key(model_type, path + ".weight")[: -len(".weight")]

@@ -59,7 +59,7 @@ def _answers(session, items) -> list[str]:
 def run_quickstart(out: str = "quickstart", *, model: str | None = None, steps: int = 60, eval_rows: int = 10,
                    show: int = 3, force: bool = False, progress: Callable[[str], None] | None = None,
                    train_callback=None) -> QuickstartResult:
-    from mlx_gemma_tune import convert, export, fsio, merge, peft_export, session, trainer
+    from mlx_gemma_tune import convert, export, fsio, merge, peft_export, prepare, trainer
     from mlx_gemma_tune.generate import ChatSession, Sampling
 
     say = progress or (lambda _m: None)
@@ -92,7 +92,7 @@ def run_quickstart(out: str = "quickstart", *, model: str | None = None, steps: 
             f"train.save_every={steps}", "train.val_batches=2", "data.max_seq_length=256", "lora.rank=16",
             "lora.alpha=32", "lora.dropout=0.05")
     say("Preparing the training run")
-    prepared = session.prepare_run(model=str(base), data=f"example:{TASK}", out=str(run_dir), sets=sets,
+    prepared = prepare.prepare_run(model=str(base), data=f"example:{TASK}", out=str(run_dir), sets=sets,
                                    progress=say)
     trainer.run(prepared, callback=train_callback)
 

@@ -16,7 +16,7 @@ import json
 import os
 from pathlib import Path
 
-from mlx_gemma_tune import checkpoint, fsio
+from mlx_gemma_tune import fsio, hf_checkpoint
 from mlx_gemma_tune.errors import InputError
 
 CHECKPOINTS = "checkpoints"
@@ -111,7 +111,7 @@ def read_checkpoint(path: Path) -> tuple[dict, dict]:
     from mlx.utils import tree_unflatten
 
     state = json.loads((Path(path) / "state.json").read_text())
-    opt = tree_unflatten(list(checkpoint.load_safetensors(Path(path) / "optimizer.safetensors").items()))
+    opt = tree_unflatten(list(hf_checkpoint.load_safetensors(Path(path) / "optimizer.safetensors").items()))
     return state, opt
 
 

@@ -36,7 +36,7 @@ EMA = 0.9  # smoothing of the displayed training loss
 
 def run(prepared, *, callback: TrainCallback | None = None, control: Control | None = None,
         loss: LossFunction | None = None) -> TrainSummary:
-    """Train a prepared run (see session.prepare_run) to its end, early stop, or a stop request.
+    """Train a prepared run (see prepare.prepare_run) to its end, early stop, or a stop request.
 
     `callback` (a TrainCallback) hears the start, every report, validation and checkpoint, and the
     end; `control` lets it stop the run after a step; `loss` replaces the default objective

@@ -120,7 +120,7 @@ ANSWER = "Paris."
 @pytest.fixture(scope="session")
 def trained_run(hf_model, tmp_path_factory):
     """trained_run(family) -> a run directory whose adapter answers 'Paris.' to everything."""
-    from mlx_gemma_tune import session, trainer
+    from mlx_gemma_tune import prepare, trainer
 
     runs = {}
 
@@ -131,7 +131,7 @@ def trained_run(hf_model, tmp_path_factory):
             data.write_text("".join(json.dumps({"prompt": p, "completion": ANSWER}) + "\n" for p in PROMPTS))
             sets = ("train.lr=3e-3", "lora.rank=8", "lora.dropout=0.0", "train.iters=60", "train.batch_size=4",
                     "data.valid_fraction=0", "train.warmup_ratio=0.05", "train.schedule=constant")
-            trainer.run(session.prepare_run(model=str(hf_model(family)), data=str(data), out=str(root / "run"),
+            trainer.run(prepare.prepare_run(model=str(hf_model(family)), data=str(data), out=str(root / "run"),
                                             sets=sets))
             runs[family] = root / "run"
         return runs[family]

@@ -75,10 +75,10 @@ def adapter_values(model) -> dict:
 
 
 def initial_adapter(**prepare_args) -> dict:
-    """adapter_values of the adapter `session.prepare_run(**prepare_args)` starts from."""
-    from mlx_gemma_tune import session
+    """adapter_values of the adapter `prepare.prepare_run(**prepare_args)` starts from."""
+    from mlx_gemma_tune import prepare
 
-    return adapter_values(session.prepare_run(**prepare_args).model)
+    return adapter_values(prepare.prepare_run(**prepare_args).model)
 
 
 def adapter_drift(got: Path, want: Path, init: dict) -> float:

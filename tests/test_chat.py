@@ -162,14 +162,14 @@ def test_a_run_whose_base_is_gone_names_it_and_the_command_that_recreates_it(hf_
     import shutil
 
     from helpers import snapshot
-    from mlx_gemma_tune import session, trainer
+    from mlx_gemma_tune import prepare, trainer
 
     monkeypatch.setenv("MLX_GEMMA_TUNE_CACHE", str(tmp_path / "cache"))  # a base of its own to remove
 
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"prompt": "Hi", "completion": "Hello."}) + "\n")
     run = tmp_path / "run"
-    trainer.run(session.prepare_run(model=str(hf_model("gemma3_text")), data=str(data), out=str(run),
+    trainer.run(prepare.prepare_run(model=str(hf_model("gemma3_text")), data=str(data), out=str(run),
                                     sets=("train.iters=1", "model.quantize=4", "data.valid_fraction=0")))
     base = Path(json.loads((run / "base.json").read_text())["base"])
     assert (base / "config.json").is_file() and base != hf_model("gemma3_text")  # the 4-bit base in the cache

@@ -85,14 +85,14 @@ def test_a_large_gemma4_chat_row_trains_evaluates_and_checks(hf_model, tmp_path)
 
 def test_a_multi_turn_row_on_the_large_template_stays_in_one_split(hf_model, tmp_path):
     """One example per turn on 26B/31B: validation holds out whole conversations, never half of one."""
-    from mlx_gemma_tune import session
+    from mlx_gemma_tune import prepare
 
     rows = [{"messages": _conversation(system=False)} for _ in range(4)]
     for i, r in enumerate(rows):
         r["messages"][1]["content"] = f"Rex {i}."
     data_file = tmp_path / "data.jsonl"
     data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    prepared = session.prepare_run(model=str(hf_model("gemma4_moe")), data=str(data_file), out=str(tmp_path / "r"),
+    prepared = prepare.prepare_run(model=str(hf_model("gemma4_moe")), data=str(data_file), out=str(tmp_path / "r"),
                                    sets=("data.valid_fraction=0.25",))
     train, valid = prepared.train, prepared.valid
     assert len(train) == 9 and len(valid) == 3  # 3 rows x 3 turns, 1 row x 3 turns
@@ -274,14 +274,14 @@ def test_reasoning_on_a_model_without_thinking_is_one_clear_line(hf_model, tmp_p
 @pytest.fixture(scope="module")
 def thinking_run(hf_model, tmp_path_factory):
     """A gemma4_edge adapter trained to think "Because." before answering "Paris." (thinking on)."""
-    from mlx_gemma_tune import session, trainer
+    from mlx_gemma_tune import prepare, trainer
 
     root = tmp_path_factory.mktemp("thinking")
     rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "Paris.",
                                                            "reasoning_content": "Because."}]}
             for q in ("Capital of France?", "Two plus two?", "Colour of the sky?", "Largest ocean?")]
     data_file = _write(root / "t.jsonl", rows)
-    trainer.run(session.prepare_run(model=str(hf_model("gemma4_edge")), data=str(data_file), out=str(root / "run"),
+    trainer.run(prepare.prepare_run(model=str(hf_model("gemma4_edge")), data=str(data_file), out=str(root / "run"),
                                     sets=("train.lr=3e-3", "lora.rank=8", "lora.dropout=0.0", "train.iters=80",
                                           "train.batch_size=4", "data.valid_fraction=0", "train.schedule=constant")))
     return root / "run"

@@ -67,7 +67,7 @@ def assert_no_broken_file(run: Path) -> None:
     import yaml
     from PIL import Image
 
-    from mlx_gemma_tune import checkpoint, fsio
+    from mlx_gemma_tune import fsio, hf_checkpoint
 
     for p in run.rglob("*"):
         if not p.is_file() or any(fsio.is_leftover(a) for a in [p, *p.parents]):
@@ -79,7 +79,7 @@ def assert_no_broken_file(run: Path) -> None:
             assert text == "" or text.endswith("\n"), f"{p}: a half-written line"
             [json.loads(line) for line in text.splitlines()]
         elif p.suffix == ".safetensors":
-            checkpoint.inspect_weights(p, hash_it=False)
+            hf_checkpoint.inspect_weights(p, hash_it=False)
             mx.eval(list(mx.load(str(p)).values()))
         elif p.suffix == ".yaml":
             yaml.safe_load(p.read_text())

@@ -96,7 +96,7 @@ def test_bad_model_path(tmp_path, chat_file):
 def test_eval_on_a_run_measures_the_data_as_the_run_did(hf_model, tmp_path):
     """One home per setting: `eval RUN` cuts rows at the run's data.max_seq_length and counts reasoning as
     the run's data.reasoning says; a flag still wins; a plain model gets the recipe defaults."""
-    from mlx_gemma_tune import session, trainer
+    from mlx_gemma_tune import prepare, trainer
 
     thought = "Seventeen has no divisors but one and itself, so it is prime."
     rows = [{"messages": [{"role": "user", "content": "Is 17 prime?"},
@@ -107,7 +107,7 @@ def test_eval_on_a_run_measures_the_data_as_the_run_did(hf_model, tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     model = hf_model("gemma4_edge")
     run = tmp_path / "run"
-    trainer.run(session.prepare_run(model=str(model), data=str(data), out=str(run), sets=(
+    trainer.run(prepare.prepare_run(model=str(model), data=str(data), out=str(run), sets=(
         "train.iters=1", "data.valid_fraction=0", "data.max_seq_length=48", "data.reasoning=drop")))
 
     def tokens(*args):

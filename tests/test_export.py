@@ -18,7 +18,7 @@ ROWS = [{"prompt": f"Question {i}?", "completion": f"Answer {i}."} for i in rang
 @pytest.fixture(scope="module")
 def runs(hf_model, tmp_path_factory):
     """runs(family, method) -> a short training run (lora | dora | qlora) whose adapter moved far from 0."""
-    from mlx_gemma_tune import session, trainer
+    from mlx_gemma_tune import prepare, trainer
 
     done = {}
 
@@ -31,7 +31,7 @@ def runs(hf_model, tmp_path_factory):
                     "train.warmup_ratio=0", f"lora.method={'dora' if method == 'dora' else 'lora'}"]
             if method == "qlora":
                 sets.append("model.quantize=4")
-            trainer.run(session.prepare_run(model=str(hf_model(family)), data=str(data), out=str(root / "run"),
+            trainer.run(prepare.prepare_run(model=str(hf_model(family)), data=str(data), out=str(root / "run"),
                                             sets=tuple(sets)))
             done[(family, method)] = root / "run"
         return done[(family, method)]
@@ -109,8 +109,7 @@ def test_key_tables_round_trip_on_every_family(hf_model):
 @pytest.mark.parametrize("method", ["lora", "dora", "qlora"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_export_hf_loads_as_original_class_and_matches(family, method, runs, tmp_path, monkeypatch):
-
-    from mlx_gemma_tune import export
+    from mlx_gemma_tune import merge
 
     run = runs(family, method)
     out = tmp_path / "hf"
@@ -123,7 +122,7 @@ def test_export_hf_loads_as_original_class_and_matches(family, method, runs, tmp
         assert unexpected and all(k.startswith("model.vision_tower.") for k in unexpected)
     else:
         assert unexpected == set()
-    merged = export.load_merged(str(run))  # the MLX fused model (QLoRA: the dequantized merge)
+    merged = merge.load_merged(str(run))  # the MLX fused model (QLoRA: the dequantized merge)
     got = _torch_logits(model)
     assert_logits_close(got, _mlx_logits(merged.model), what=f"{family} {method}")
     assert index_is_complete(out)
@@ -219,10 +218,10 @@ def test_export_from_a_fused_model_and_verify(runs, tmp_path):
                           "bfloat16", "--json"])
     assert with_dtype.exit_code == 0
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
-    from mlx_gemma_tune import checkpoint
+    from mlx_gemma_tune import hf_checkpoint
 
     shard = next((tmp_path / "bf16").glob("model-*.safetensors"))
-    assert {d for d, _ in checkpoint.inspect_weights(shard, hash_it=False).tensors.values()} == {"BF16"}
+    assert {d for d, _ in hf_checkpoint.inspect_weights(shard, hash_it=False).tensors.values()} == {"BF16"}
 
 
 def test_python_api(runs, tmp_path):
@@ -248,14 +247,14 @@ def test_run_without_adapter(runs, tmp_path):
 
 
 def test_moved_source_checkpoint_and_base_flag(hf_model, tmp_path):
-    from mlx_gemma_tune import session, trainer
+    from mlx_gemma_tune import prepare, trainer
 
     src = tmp_path / "hf-src"
     shutil.copytree(hf_model("gemma4_dense"), src)
     assert run_cli(["convert", src, "-o", tmp_path / "mlx"]).exit_code == 0
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    trainer.run(session.prepare_run(model=str(tmp_path / "mlx"), data=str(data), out=str(tmp_path / "run"),
+    trainer.run(prepare.prepare_run(model=str(tmp_path / "mlx"), data=str(data), out=str(tmp_path / "run"),
                                     sets=("train.iters=2", "data.valid_fraction=0")))
     src.rename(tmp_path / "moved")
     res = run_cli(["export", tmp_path / "run", "--format", "hf", "-o", tmp_path / "out"])
@@ -275,11 +274,11 @@ def test_output_exists(runs, tmp_path):
 
 
 def test_peft_refuses_expert_adapters(hf_model, tmp_path):
-    from mlx_gemma_tune import session, trainer
+    from mlx_gemma_tune import prepare, trainer
 
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    trainer.run(session.prepare_run(model=str(hf_model("gemma4_moe")), data=str(data), out=str(tmp_path / "run"),
+    trainer.run(prepare.prepare_run(model=str(hf_model("gemma4_moe")), data=str(data), out=str(tmp_path / "run"),
                                     sets=("train.iters=2", "lora.experts=true", "data.valid_fraction=0")))
     res = run_cli(["export", tmp_path / "run", "--format", "peft", "-o", tmp_path / "p"])
     assert_one_line_error(res, "MoE experts", "--format hf")

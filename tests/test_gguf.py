@@ -157,7 +157,7 @@ def family_exports(hf_model, tmp_path_factory):
     """family_exports(family, outtype) -> (HF export dir, its float32 tensors, the GGUF path) of a short run."""
     import mlx.core as mx
 
-    from mlx_gemma_tune import session, trainer
+    from mlx_gemma_tune import prepare, trainer
 
     done = {}
 
@@ -167,7 +167,7 @@ def family_exports(hf_model, tmp_path_factory):
             data = root / "d.jsonl"
             data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
             sets = ("train.lr=1e-2", "lora.rank=4", "lora.dropout=0.0", "train.iters=4", "data.valid_fraction=0")
-            trainer.run(session.prepare_run(model=str(hf_model(family)), data=str(data), out=str(root / "run"),
+            trainer.run(prepare.prepare_run(model=str(hf_model(family)), data=str(data), out=str(root / "run"),
                                             sets=sets))
             res = run_cli(["export", root / "run", "--format", "hf", "-o", root / "hf", "--dtype", "float32"])
             assert res.exit_code == 0, res.output

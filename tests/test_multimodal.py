@@ -117,10 +117,10 @@ def test_the_chunked_loss_equals_the_full_loss_on_image_and_audio_rows(kind, hf_
     import mlx.nn as nn
     from mlx.utils import tree_flatten
 
-    from mlx_gemma_tune import checkpoint, dataset_files, lora, losses, multimodal
+    from mlx_gemma_tune import dataset_files, hf_checkpoint, lora, losses, multimodal
 
     model, processor = multimodal.load(hf_model("gemma4_edge"), audio=kind == "audio")
-    config = checkpoint.read_config(hf_model("gemma4_edge"))
+    config = hf_checkpoint.read_config(hf_model("gemma4_edge"))
     mx.random.seed(0)
     lora.apply(model, config, lora.LoraSettings(rank=4, dropout=0.0))
     give_lora_b_values(model)
@@ -188,7 +188,7 @@ def test_export_keeps_the_towers_and_matches_mlx_on_an_image(image_run, image_da
 
 
 def test_an_interrupted_image_run_resumes_exactly(hf_model, image_data, image_run, tmp_path):
-    from mlx_gemma_tune import session, trainer
+    from mlx_gemma_tune import prepare, trainer
 
     class StopAt5(trainer.TrainCallback):
         def on_train_report(self, report):
@@ -197,12 +197,12 @@ def test_an_interrupted_image_run_resumes_exactly(hf_model, image_data, image_ru
 
     control = trainer.Control()
     run = tmp_path / "run"
-    prepared = session.prepare_run(model=str(hf_model("gemma4_edge")), data=str(image_data), out=str(run),
+    prepared = prepare.prepare_run(model=str(hf_model("gemma4_edge")), data=str(image_data), out=str(run),
                                    sets=tuple(SETS))
     init = adapter_values(prepared.model)
     first = trainer.run(prepared, callback=StopAt5(), control=control)
     assert first.interrupted and first.steps == 5
-    final = trainer.run(session.prepare_run(resume=str(run)))
+    final = trainer.run(prepare.prepare_run(resume=str(run)))
     assert final.steps == 12
     assert all(k.startswith("language_model.model.layers.") for k in init)
     assert_same_training(run, image_run, init, REPEATED_RTOL)

@@ -194,14 +194,14 @@ def test_a_streamed_call_splits_the_same_wherever_the_pieces_break():
 def tool_run(hf_model, tmp_path_factory):
     """A gemma4_edge adapter trained to call get_weather(city="Paris") for any question, then to
     answer "Sunny." once the result is in."""
-    from mlx_gemma_tune import session, trainer
+    from mlx_gemma_tune import prepare, trainer
 
     root = tmp_path_factory.mktemp("tools")
     rows = [{"tools": TOOLS, "messages": [{"role": "user", "content": q}, _call(), RESULT_MSG,
                                           {"role": "assistant", "content": "Sunny."}]}
             for q in ("Weather in Paris?", "Is it warm?", "Will it rain?", "Any sun today?")]
     data_file = _write(root / "t.jsonl", rows)
-    trainer.run(session.prepare_run(model=str(hf_model("gemma4_edge")), data=str(data_file), out=str(root / "run"),
+    trainer.run(prepare.prepare_run(model=str(hf_model("gemma4_edge")), data=str(data_file), out=str(root / "run"),
                                     sets=("train.lr=3e-3", "lora.rank=8", "lora.dropout=0.0", "train.iters=80",
                                           "train.batch_size=4", "data.valid_fraction=0", "train.schedule=constant")))
     (root / "tools.json").write_text(json.dumps({"tools": TOOLS}))

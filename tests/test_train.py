@@ -150,20 +150,20 @@ class StopAt(TrainCallback):
 @pytest.mark.parametrize("extra", [(), ("data.pack=true", "data.max_seq_length=128", "train.grad_checkpoint=true")],
                          ids=["plain", "packed-checkpointed"])
 def test_resume_is_exact(extra, hf_model, tmp_path):
-    from mlx_gemma_tune import session, trainer
+    from mlx_gemma_tune import prepare, trainer
 
     data = write_jsonl(tmp_path / "chat.jsonl", chat_rows())
     sets = ("train.lr=1e-3", "lora.rank=4", "lora.dropout=0.1", "train.batch_size=2", "train.grad_accumulation=2",
             "train.report_every=1", "train.iters=10", "train.save_every=3", "train.eval_every=5",
             "data.valid_fraction=0.25", *extra)
-    prepared = session.prepare_run(model=str(hf_model("gemma4_moe")), data=str(data), out=str(tmp_path / "a"),
+    prepared = prepare.prepare_run(model=str(hf_model("gemma4_moe")), data=str(data), out=str(tmp_path / "a"),
                                    sets=sets)
     init = adapter_values(prepared.model)
     full = trainer.run(prepared)
     assert full.steps == 10 and not full.interrupted
 
     control = trainer.Control()
-    first = trainer.run(session.prepare_run(model=str(hf_model("gemma4_moe")), data=str(data),
+    first = trainer.run(prepare.prepare_run(model=str(hf_model("gemma4_moe")), data=str(data),
                                             out=str(tmp_path / "b"), sets=sets),
                         callback=StopAt(control, 4), control=control)
     assert first.interrupted and first.steps == 4
@@ -338,7 +338,7 @@ def test_recipes_list_show_copy(tmp_path):
 
 def test_precedence_defaults_recipe_flags(tmp_path):
     from mlx_gemma_tune import errors
-    from mlx_gemma_tune.session import resolve_recipe
+    from mlx_gemma_tune.prepare import resolve_recipe
 
     path = tmp_path / "r.yaml"
     path.write_text("model:\n  path: a\ndata:\n  path: b\nlora:\n  rank: 8\ntrain:\n  lr: 1e-4\n")
@@ -496,14 +496,14 @@ def test_lr_schedules_drive_adamw(kind):
 def test_typed_state_and_reports_keep_the_files_and_the_loss_plugs_in(hf_model, tmp_path):
     """metrics.jsonl and state.json keep their format (old checkpoints load: missing keys take their
     defaults), and an objective passed to trainer.run is the one trained and reported."""
-    from mlx_gemma_tune import losses, session, trainer
+    from mlx_gemma_tune import losses, prepare, trainer
     from mlx_gemma_tune.train_state import TrainState
 
     data = write_jsonl(tmp_path / "chat.jsonl", chat_rows())
     sets = ("train.iters=2", "train.report_every=1", "data.valid_fraction=0.25", "train.eval_every=2", "lora.rank=4")
 
     def prepared(out):
-        return session.prepare_run(model=str(hf_model("gemma3_text")), data=str(data), out=str(tmp_path / out),
+        return prepare.prepare_run(model=str(hf_model("gemma3_text")), data=str(data), out=str(tmp_path / out),
                                    sets=sets)
 
     trainer.run(prepared("plain"))

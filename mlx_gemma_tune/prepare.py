@@ -51,55 +51,84 @@ def prepare_run(recipe_ref: str | None = None, *, model: str | None = None, data
                 out: str | None = None, sets: tuple[str, ...] = (), resume: str | None = None,
                 force: bool = False, progress: Callable[[str], None] | None = None,
                 world: distributed.World = distributed.SINGLE) -> Prepared:
-    """Everything a run needs, checked. Distributed: every rank calls this; rank 0 alone reads and
-    writes the run directory and sends the others what they need (the recipe of a resumed run)."""
-    from mlx_gemma_tune import rundir
-
+    """Everything a run needs, checked, phase by phase: the recipe and run directory (new, or the one
+    `resume` continues), the dataset and base model, the examples, the adapter layers; the run
+    directory is written last, once nothing can fail. Distributed: every rank calls this; rank 0
+    alone reads and writes the run directory and sends the others what they need (the recipe of a
+    resumed run). Raises UserError (and its subclasses) for anything the user can fix."""
     say = progress or (lambda _m: None)
-    resume_from = None
     if resume:
         if recipe_ref or model or data or sets or out:
             raise UserError("--resume continues a run exactly as recorded in its recipe.yaml; do not combine "
                             "it with a recipe, --model, --data, --set or -o")
-        run_dir = Path(resume).expanduser()
-        raw = None
-        if world.main:
-            if not (run_dir / "recipe.yaml").is_file():
-                raise InputError("is not a run directory (no recipe.yaml)", where=str(run_dir))
-            raw = recipes.read_yaml(run_dir / "recipe.yaml")
-            fsio.remove_leftovers(run_dir)  # what a killed run was writing: never complete, never used
-            done = rundir.list_checkpoints(run_dir)
-            resume_from = done[-1] if done else None  # killed before its first checkpoint: start again
-        shared = distributed.broadcast_json(
-            {"recipe": raw, "resume_from": str(resume_from) if resume_from else None} if world.main else None, world)
-        recipe = recipes.build(shared["recipe"], source=str(run_dir / "recipe.yaml"))
-        resume_from = Path(shared["resume_from"]) if shared["resume_from"] else None
+        recipe, run_dir, resume_from = _resumed_run(Path(resume).expanduser(), world)
     else:
-        recipe, name = resolve_recipe(recipe_ref, model=model, data=data, sets=sets)
-        stamp = f"{datetime.now().astimezone():%Y%m%d-%H%M%S}"  # local time
-        run_dir = Path(out).expanduser() if out else Path("runs") / f"{name}-{stamp}"
-        run_dir = Path(distributed.broadcast_json(str(run_dir) if world.main else None, world))
-        exists = run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir()))
-        if world.main and exists and not force:  # only rank 0 has (and writes) the run directory
-            raise OutputError("already exists", where=str(run_dir),
-                              hint="pass --resume to continue it, or --force to replace it")
-        for src in (recipe.model.path, recipe.data.path):
-            s = Path(src).expanduser()
-            if s.exists() and (run_dir.resolve() == s.resolve() or s.resolve() in run_dir.resolve().parents):
-                raise OutputError("is inside an input", where=str(run_dir), hint="choose another run directory")
+        recipe, run_dir = _new_run(recipe_ref, model, data, out, sets, force, world)
+        resume_from = None
     if recipe.train.batch_size < world.size:
         raise UserError(f"train.batch_size {recipe.train.batch_size} is the global batch, smaller than the "
                         f"{world.size} processes: some would never have a row",
                         hint=f"--set train.batch_size={world.size} (or more)")
+    splits, base, (model_obj, tokenizer, config), images = _inputs(recipe, world, say)
+    say("Tokenizing" + (" and reading the images / audio" if images else ""))
+    train, valid, notes = _examples(tokenizer, splits, recipe, images)
+    settings = _adapter_layers(model_obj, config, recipe, images)
+    if resume_from is not None:
+        from mlx_gemma_tune import hf_checkpoint, lora
 
-    # The inputs, checked before anything is written.
+        weights = hf_checkpoint.load_safetensors(resume_from / lora.ADAPTER_WEIGHTS) if world.main else None
+        model_obj.load_weights(list(distributed.broadcast_arrays(weights, world).items()), strict=False)
+    elif not resume and world.main:
+        _write_run_dir(run_dir, recipe, base, force)
+    return Prepared(recipe=recipe, run_dir=run_dir, model=model_obj, tokenizer=tokenizer, config=config,
+                    lora=settings, train=train, valid=valid, base=base, resume_from=resume_from, notes=notes,
+                    world=world)
+
+
+def _resumed_run(run_dir: Path, world) -> tuple[recipes.Recipe, Path, Path | None]:
+    """(recipe, run directory, last complete checkpoint or None) of the run `--resume` continues."""
+    from mlx_gemma_tune import rundir
+
+    raw, resume_from = None, None
+    if world.main:
+        if not (run_dir / "recipe.yaml").is_file():
+            raise InputError("is not a run directory (no recipe.yaml)", where=str(run_dir))
+        raw = recipes.read_yaml(run_dir / "recipe.yaml")
+        fsio.remove_leftovers(run_dir)  # what a killed run was writing: never complete, never used
+        done = rundir.list_checkpoints(run_dir)
+        resume_from = done[-1] if done else None  # killed before its first checkpoint: start again
+    shared = distributed.broadcast_json(
+        {"recipe": raw, "resume_from": str(resume_from) if resume_from else None} if world.main else None, world)
+    recipe = recipes.build(shared["recipe"], source=str(run_dir / "recipe.yaml"))
+    return recipe, run_dir, Path(shared["resume_from"]) if shared["resume_from"] else None
+
+
+def _new_run(recipe_ref, model, data, out, sets, force: bool, world) -> tuple[recipes.Recipe, Path]:
+    """(recipe, run directory) of a new run; the directory is checked, not yet written."""
+    recipe, name = resolve_recipe(recipe_ref, model=model, data=data, sets=sets)
+    stamp = f"{datetime.now().astimezone():%Y%m%d-%H%M%S}"  # local time
+    run_dir = Path(out).expanduser() if out else Path("runs") / f"{name}-{stamp}"
+    run_dir = Path(distributed.broadcast_json(str(run_dir) if world.main else None, world))
+    exists = run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir()))
+    if world.main and exists and not force:  # only rank 0 has (and writes) the run directory
+        raise OutputError("already exists", where=str(run_dir),
+                          hint="pass --resume to continue it, or --force to replace it")
+    for src in (recipe.model.path, recipe.data.path):
+        s = Path(src).expanduser()
+        if s.exists() and (run_dir.resolve() == s.resolve() or s.resolve() in run_dir.resolve().parents):
+            raise OutputError("is inside an input", where=str(run_dir), hint="choose another run directory")
+    return recipe, run_dir
+
+
+def _inputs(recipe: recipes.Recipe, world, say):
+    """(dataset splits, base model directory, (model, tokenizer, config), has images or audio): the
+    inputs, read and checked before anything is written. The base is converted (rank 0 first) when
+    it is not in the cache yet."""
+    from mlx_gemma_tune import convert, dataset_files, models
+
     say("Reading the dataset")
-    from mlx_gemma_tune import dataset_files
-
     splits = dataset_files.read_splits(recipe.data.path)
     say("Preparing the base model")
-    from mlx_gemma_tune import checkpoint, convert, lora, models
-
     if not world.main:
         distributed.barrier(world)  # rank 0 converts (or downloads) first; the others find it cached
     base = convert.ensure_base(recipe.model.path, recipe.model.quantize, progress=say)
@@ -109,14 +138,15 @@ def prepare_run(recipe_ref: str | None = None, *, model: str | None = None, data
     audio = any(dataset_files.media_of(r.messages, "audio") for r in rows)
     images = audio or any(dataset_files.media_of(r.messages, "image") for r in rows)  # multimodal: mlx-vlm
     say("Loading the base model" + (" with its towers (mlx-vlm)" if images else ""))
-    if images:
-        model_obj, tokenizer, config = _vision_model(base, recipe, audio)
-    else:
-        model_obj, tokenizer, config = models.load(base)
-    say("Tokenizing" + (" and reading the images / audio" if images else ""))
-    train, valid, notes = _examples(tokenizer, splits, recipe, images)
+    loaded = _vision_model(base, recipe, audio) if images else models.load(base)
+    return splits, base, loaded, images
 
+
+def _adapter_layers(model_obj, config: dict, recipe: recipes.Recipe, images: bool):
+    """The recipe's LoRA / DoRA layers put on the model (seeded by train.seed); their lora.LoraSettings."""
     import mlx.core as mx
+
+    from mlx_gemma_tune import lora
 
     mx.random.seed(recipe.train.seed)  # adapter initialisation
     lo = recipe.lora
@@ -135,28 +165,28 @@ def prepare_run(recipe_ref: str | None = None, *, model: str | None = None, data
         settings.modules = families.lora_targets(model_obj, config, lo.targets, lo.num_layers, lo.experts) + [
             multimodal.PROJECTOR]
     lora.apply(model_obj, config, settings)
-    if resume_from is not None:
-        weights = checkpoint.load_safetensors(resume_from / lora.ADAPTER_WEIGHTS) if world.main else None
-        model_obj.load_weights(list(distributed.broadcast_arrays(weights, world).items()), strict=False)
-    elif not resume and world.main:
-        if run_dir.exists() and force:
-            fsio.remove_dir(run_dir) if run_dir.is_dir() else run_dir.unlink()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        header = ("# The resolved recipe of this run: defaults < recipe < flags and --set.\n"
-                  f"# Continue it with: mlx-gemma-tune train --resume {run_dir}\n")
-        fsio.atomic_write_text(run_dir / "recipe.yaml", recipes.to_yaml(recipe, header))
-        rundir.record_base(run_dir, base, recipe.model.path, recipe.model.quantize)
-    return Prepared(recipe=recipe, run_dir=run_dir, model=model_obj, tokenizer=tokenizer, config=config,
-                    lora=settings, train=train, valid=valid, base=base, resume_from=resume_from, notes=notes,
-                    world=world)
+    return settings
+
+
+def _write_run_dir(run_dir: Path, recipe: recipes.Recipe, base: Path, force: bool) -> None:
+    """The new run directory: its resolved recipe.yaml and the base it trains on (base.json)."""
+    from mlx_gemma_tune import rundir
+
+    if run_dir.exists() and force:
+        fsio.remove_dir(run_dir) if run_dir.is_dir() else run_dir.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    header = ("# The resolved recipe of this run: defaults < recipe < flags and --set.\n"
+              f"# Continue it with: mlx-gemma-tune train --resume {run_dir}\n")
+    fsio.atomic_write_text(run_dir / "recipe.yaml", recipes.to_yaml(recipe, header))
+    rundir.record_base(run_dir, base, recipe.model.path, recipe.model.quantize)
 
 
 def _vision_model(base: Path, recipe: recipes.Recipe, audio: bool = False):
     """(mlx-vlm model with the towers, processor, config) for a run whose dataset has images or audio."""
-    from mlx_gemma_tune import checkpoint, multimodal
+    from mlx_gemma_tune import hf_checkpoint, multimodal
 
     source = multimodal.vision_source(base)
-    config = checkpoint.read_config(source)
+    config = hf_checkpoint.read_config(source)
     multimodal.check_model(config, str(source), audio)
     if recipe.model.quantize:
         raise UserError("model.quantize is not supported for image / audio fine-tuning yet", where="model.quantize",
