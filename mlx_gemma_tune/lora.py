@@ -20,15 +20,22 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapters.safetensors"
 
 
+def _recipe_default(key: str):
+    from mlx_gemma_tune import recipe
+
+    return recipe.default(f"lora.{key}")
+
+
 @dataclass
 class LoraSettings:
-    rank: int = 16
-    alpha: float = 32.0  # PEFT-style; mlx-lm's scale = alpha / rank
-    dropout: float = 0.05
-    method: str = "lora"  # lora | dora
-    targets: list[str] | str = "all"
-    num_layers: int | None = None  # last N decoder layers; None = all
-    experts: bool = False
+    """An adapter's settings; the defaults are the recipe schema's (recipe.LoraConfig), their one home."""
+    rank: int = field(default_factory=lambda: _recipe_default("rank"))
+    alpha: float = field(default_factory=lambda: _recipe_default("alpha"))  # PEFT-style; mlx-lm's scale = alpha / rank
+    dropout: float = field(default_factory=lambda: _recipe_default("dropout"))
+    method: str = field(default_factory=lambda: _recipe_default("method"))  # lora | dora
+    targets: list[str] | str = field(default_factory=lambda: _recipe_default("targets"))
+    num_layers: int | None = field(default_factory=lambda: _recipe_default("num_layers"))  # last N layers; None = all
+    experts: bool = field(default_factory=lambda: _recipe_default("experts"))
     modules: list[str] = field(default_factory=list)  # resolved full paths (filled by apply)
     base_model: str | None = None  # what it was trained on, to name it when it does not fit
 
