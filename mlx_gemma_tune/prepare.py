@@ -35,16 +35,17 @@ class Prepared:
 def resolve_recipe(recipe_ref: str | None, *, model: str | None = None, data: str | None = None,
                    sets: tuple[str, ...] = ()) -> tuple[recipes.Recipe, str]:
     """The validated recipe (defaults < recipe < flags and --set) and its name."""
-    raw, source, name = {}, "recipe", "run"
+    raw, source, name, lines = {}, "recipe", "run", None
     if recipe_ref:
         path = recipes.find_recipe(recipe_ref)
-        raw, source, name = recipes.read_yaml(path), str(path), path.stem
+        raw, source, name, lines = recipes.read_yaml(path), str(path), path.stem, recipes.yaml_lines(path)
     overrides = recipes.parse_set(list(sets))
+    origins = recipes.set_origins(list(sets))
     if model:
-        overrides["model.path"] = model
+        overrides["model.path"], origins["model.path"] = model, "--model"
     if data:
-        overrides["data.path"] = data
-    return recipes.build(raw, overrides, source), name
+        overrides["data.path"], origins["data.path"] = data, "--data"
+    return recipes.build(raw, overrides, source, origins=origins, lines=lines), name
 
 
 def prepare_run(recipe_ref: str | None = None, *, model: str | None = None, data: str | None = None,

@@ -187,51 +187,84 @@ def parse_set(items: list[str]) -> dict[str, object]:
     return out
 
 
-def build(raw: dict | None = None, overrides: dict[str, object] | None = None, source: str = "recipe") -> Recipe:
-    """Defaults < raw (nested, from YAML) < overrides (flat dotted keys). All problems at once."""
-    problems: list[str] = []
+def set_origins(items: list[str]) -> dict[str, str]:
+    """key -> the `--set key=value` it came from, for messages that name a value's origin."""
+    return {item.split("=", 1)[0].strip(): f"--set {item}" for item in items if "=" in item}
+
+
+def yaml_lines(path: Path) -> dict[str, int]:
+    """'section.key' (and 'section') -> the 1-based line of a recipe YAML file it is written on."""
+    import yaml
+
+    try:
+        root = yaml.compose(Path(path).read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return {}
+    pairs = root.value if isinstance(root, yaml.MappingNode) else []
+    lines = {str(k.value): k.start_mark.line + 1 for k, _ in pairs}
+    return lines | {f"{k.value}.{sub.value}": sub.start_mark.line + 1
+                    for k, body in pairs if isinstance(body, yaml.MappingNode) for sub, _ in body.value}
+
+
+def build(raw: dict | None = None, overrides: dict[str, object] | None = None, source: str = "recipe", *,
+          origins: dict[str, str] | None = None, lines: dict[str, int] | None = None) -> Recipe:
+    """Defaults < raw (nested, from YAML) < overrides (flat dotted keys). All problems at once, each
+    named by its value's origin: the recipe file and line (`lines`, from yaml_lines), the flag or
+    `--set` of an override (`origins`, from set_origins; else "--set KEY"). Raises InputError."""
+    problems: list[tuple[str, str]] = []  # (origin, message)
     values: dict[str, dict] = {s: {} for s in _SECTION_CLASSES}
+    from_override: dict[str, str] = {}
+    lines = lines or {}
+
+    def in_file(key: str) -> str:
+        return f"{source}:{lines[key]}" if key in lines else source
+
     for section, body in (raw or {}).items():
         if section not in _SECTION_CLASSES:
-            problems.append(_unknown(str(section), list(_SECTION_CLASSES), "section"))
+            problems.append((in_file(str(section)), _unknown(str(section), list(_SECTION_CLASSES), "section")))
             continue
         if body is None:
             continue
         if not isinstance(body, dict):
-            problems.append(f"'{section}' must be a mapping of keys")
+            problems.append((in_file(str(section)), f"'{section}' must be a mapping of keys"))
             continue
         for key, value in body.items():
             values[section][str(key)] = value
     for dotted, value in (overrides or {}).items():
+        origin = (origins or {}).get(dotted, f"--set {dotted}")
         section, _, key = dotted.partition(".")
         if section not in _SECTION_CLASSES or not key:
-            problems.append(_unknown(dotted, all_keys(), "key"))
+            problems.append((origin, _unknown(dotted, all_keys(), "key")))
             continue
         values[section][key] = value
+        from_override[dotted] = origin
 
     sections = {}
     for section, cls in _SECTION_CLASSES.items():
         fields = {f.name: f for f in dataclasses.fields(cls)}
         kwargs = {}
         for key, value in values[section].items():
+            dotted = f"{section}.{key}"
+            origin = from_override.get(dotted) or in_file(dotted)
             if key not in fields:
-                problems.append(_unknown(f"{section}.{key}", all_keys(), "key"))
+                problems.append((origin, _unknown(dotted, all_keys(), "key")))
                 continue
             ok, converted, why = _check(fields[key], value)
             if ok:
                 kwargs[key] = converted
             else:
-                problems.append(f"{section}.{key}: {why}")
+                problems.append((origin, f"{dotted}: {why}"))
         obj = cls(**kwargs)
         for f in dataclasses.fields(cls):
             if getattr(obj, f.name) == REQUIRED:
-                problems.append(f"{section}.{f.name} is required (set it in the recipe, with a flag, or "
-                                f"--set {section}.{f.name}=...)")
+                why = f"{section}.{f.name} is required (set it in the recipe, with a flag, or --set {section}.{f.name}=...)"
+                problems.append((source, why))
         sections[section] = obj
     if not problems:
-        problems += _semantic(sections)
+        problems += [(source, p) for p in _semantic(sections)]
     if problems:
-        raise InputError("; ".join(problems), where=source)
+        where = problems[0][0]
+        raise InputError("; ".join(m if o == where else f"{o}: {m}" for o, m in problems), where=where)
     return Recipe(**sections)
 
 
@@ -360,5 +393,7 @@ def load_recipe(name_or_path: str | None = None, sets: tuple[str, ...] | list[st
     "key=value" overrides as `--set` gives them, resolved over the defaults and checked (types,
     ranges, unknown keys with a did-you-mean). None: the defaults alone. Raises InputError naming the
     file and key."""
-    raw = read_yaml(find_recipe(name_or_path)) if name_or_path else {}
-    return build(raw, parse_set(list(sets)), name_or_path or "recipe")
+    path = find_recipe(name_or_path) if name_or_path else None
+    raw = read_yaml(path) if path else {}
+    return build(raw, parse_set(list(sets)), str(path or "recipe"), origins=set_origins(list(sets)),
+                 lines=yaml_lines(path) if path else None)

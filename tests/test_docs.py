@@ -50,3 +50,10 @@ def test_the_python_api_example_runs(hf_model, tmp_path):
     assert printed[-1].split()[0] == "exports/api-peft" and int(printed[-1].split()[1]) > 0  # tensors written
     assert (tmp_path / "runs" / "api" / "adapters.safetensors").is_file()
     assert (tmp_path / "exports" / "api-peft" / "adapter_config.json").is_file()
+
+
+def test_the_readme_counts_the_bad_input_cases():
+    import yaml
+
+    cases = yaml.safe_load((Path(__file__).parent / "bad_inputs" / "cases.yaml").read_text())
+    assert f"lists {len(cases)} broken inputs" in README
