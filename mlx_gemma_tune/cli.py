@@ -152,8 +152,9 @@ def doctor(model, recipe_ref, sets, as_json):
 
 @cli.command("eval")
 @click.argument("model")
-@click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False),
-              help="A dataset file (JSONL/JSON/CSV/Parquet); the last assistant turn of each row is the reference.")
+@click.option("--data", "data_path", required=True,
+              help="A dataset file (JSONL/JSON/CSV/Parquet), or a split folder (its test split, else valid); the "
+                   "last assistant turn of each row is the reference.")
 @click.option("--metric", "metric", multiple=True,
               type=click.Choice(["loss", "exact", "f1", "rougeL", "json", "classification"]),
               help="Repeatable. loss (default): cross-entropy on the assistant tokens; exact, f1, rougeL, json, "

@@ -12,29 +12,29 @@ Row schemas, detected row by row:
                      "reasoning") field, kept as "reasoning_content" (data.py trains or drops it);
                      tool calling in the OpenAI shape: a "tools" list on the row, assistant
                      "tool_calls", "tool" messages with the results (tools.py)
-  prompt_completion  {"prompt", "completion"}, optional "system"
+  prompt_completion  {"prompt", "completion"} (or a FAQ's {"question", "answer"}), optional "system"
   instruction        {"instruction", "context" | "input" (optional), "response" | "output"}, optional "system"
   text               {"text"}: language modelling on every token
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import os
+import difflib
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlx_gemma_tune import dataset_readers
 from mlx_gemma_tune import tools as tool_calling
-from mlx_gemma_tune.errors import InputError, OfflineError
+from mlx_gemma_tune.dataset_readers import READERS, kind_of
+from mlx_gemma_tune.errors import InputError
 
-READERS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 SPLIT_ALIASES = {"train": "train", "valid": "valid", "validation": "valid", "val": "valid", "dev": "valid",
                  "test": "test"}
-SCHEMAS = ("messages (or ShareGPT conversations), prompt + completion, instruction + response "
-           "(+ context; Alpaca: instruction + input + output), or text")
+SCHEMAS = ("messages (or ShareGPT conversations), prompt + completion (or question + answer), instruction + "
+           "response (+ context; Alpaca: instruction + input + output), or text")
+FIELDS = ("messages", "conversations", "prompt", "completion", "question", "answer", "instruction", "response",
+          "output", "input", "context", "system", "text", "tools")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -76,11 +76,11 @@ def read_rows(path: str | Path) -> list[Row]:
             example = next((s for split, s in sources if split == "train"), sources[0][1])
             raise InputError(f"holds several splits ({', '.join(s.name for _, s in sources)}), not one dataset",
                              where=str(p), hint=f"give one of them, e.g. {example}")
-        records = _read_saved(p)
+        records = dataset_readers.read_saved(p)
     elif p.is_file():
-        records = _read_file(p)
+        records = dataset_readers.read_file(p)
     elif _HUB_ID.fullmatch(str(path)) and p.suffix.lower() not in READERS:
-        records = _read_hub(str(path))
+        records = dataset_readers.read_hub(str(path))
     else:
         raise InputError("no such file or folder", where=str(p),
                          hint="give a .jsonl/.json/.csv/.parquet file, a folder, or a Hub dataset id owner/name")
@@ -88,6 +88,21 @@ def read_rows(path: str | Path) -> list[Row]:
     if not rows:
         raise InputError("has no rows", where=str(p))
     return rows
+
+
+def held_out(path: str | Path) -> str | Path:
+    """The rows to evaluate on in `path`: a file (or saved Dataset, Hub id) itself; in a split folder, its
+    test split, else its valid split. Raises InputError for a folder with a train split only."""
+    resolved = resolve_path(path)
+    p = Path(resolved).expanduser()
+    sources = dict(_split_sources(p)) if p.is_dir() and not _is_saved(p) else {}
+    if not sources:
+        return resolved
+    for split in ("test", "valid"):
+        if split in sources:
+            return sources[split]
+    raise InputError("has no held-out split (test.* or valid.*) to evaluate on", where=str(p),
+                     hint=f"give a file, e.g. {next(iter(sources.values()))}, or add test.jsonl")
 
 
 def read_splits(path: str | Path) -> dict[str, list[Row]]:
@@ -132,147 +147,11 @@ def _not_a_dataset_folder(p: Path) -> InputError:
                            "test.*); save_to_disk writes dataset_info.json, state.json and *.arrow")
 
 
-# Readers: each returns [(where, raw row)].
-
-def _read_file(p: Path) -> list[tuple[str, object]]:
-    kind = READERS.get(p.suffix.lower())
-    if kind is None:
-        raise InputError(f"has an unsupported file type '{p.suffix or '(none)'}'", where=str(p),
-                         hint="supported: .jsonl, .json, .csv, .parquet, or a save_to_disk folder")
-    if kind == "parquet":
-        return _read_parquet(p)
-    return {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv}[kind](p, _decode(p))
-
-
-def _decode(p: Path) -> str:
-    data = p.read_bytes()
-    try:
-        return data.decode("utf-8-sig")  # a leading BOM (Excel, Notepad) is dropped silently
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise InputError(f"is not UTF-8 text (bad byte at offset {exc.start})", where=f"{p}:{line}",
-                         hint="re-save the file as UTF-8") from None
-
-
-def _read_jsonl(p: Path, text: str) -> list[tuple[str, object]]:
-    out = []
-    # split on "\n" only: str.splitlines() would also break at U+2028 etc., legal inside JSON strings
-    for n, line in enumerate(text.split("\n"), 1):
-        if line.strip():
-            try:
-                out.append((f"{p}:{n}", json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise _bad_json(exc, f"{p}:{n}") from None
-    return out
-
-
-def _bad_json(exc: json.JSONDecodeError, where: str) -> InputError:
-    return InputError(f"is not valid JSON ({exc.msg} at column {exc.colno})", where=where)
-
-
-def _read_json(p: Path, text: str) -> list[tuple[str, object]]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        if exc.msg == "Extra data" and text.lstrip().startswith("{"):
-            return _read_jsonl(p, text)  # JSON Lines named .json (datasets' to_json writes these)
-        raise _bad_json(exc, f"{p}:{exc.lineno}") from None
-    if isinstance(data, dict):
-        lists = [k for k, v in data.items() if isinstance(v, list)]
-        if len(lists) != 1 or lists[0] in ("messages", "conversations"):
-            raise InputError("is a JSON object, not a list of rows", where=str(p),
-                             hint='use [row, ...], {"data": [row, ...]} or one row per line in a .jsonl file')
-        data = data[lists[0]]
-    if not isinstance(data, list):
-        raise InputError(f"must hold a list of rows, not {_kind(data)}", where=str(p))
-    return [(f"{p}[{i}]", row) for i, row in enumerate(data)]
-
-
-def _read_csv(p: Path, text: str) -> list[tuple[str, object]]:
-    reader = csv.reader(io.StringIO(text, newline=""))
-    old_limit = csv.field_size_limit(2**31 - 1)  # the default (128 KiB a cell) is too small for documents
-    try:
-        header = [h.strip() for h in next(reader, [])]
-        if not header:
-            return []
-        cols = set(header)
-        if not ({"prompt", "completion"} <= cols or ("instruction" in cols and cols & {"response", "output"})
-                or "text" in cols):
-            raise InputError(f"has none of the required columns (found: {', '.join(header)})", where=f"{p}:1",
-                             hint="a CSV needs prompt + completion, instruction + response (+ context), "
-                                  "instruction + input + output, or text")
-        out, start = [], reader.line_num + 1
-        try:
-            for record in reader:
-                if record:  # a blank line reads as []
-                    if len(record) != len(header):
-                        raise InputError(f"has {len(record)} fields but the header has {len(header)}",
-                                         where=f"{p}:{start}", hint="quote fields holding commas or line breaks")
-                    out.append((f"{p}:{start}", dict(zip(header, record))))
-                start = reader.line_num + 1  # a quoted cell may span lines: the next row starts after it
-        except csv.Error as exc:
-            raise InputError(f"is not valid CSV ({exc})", where=f"{p}:{start}") from None
-        return out
-    finally:
-        csv.field_size_limit(old_limit)
-
-
-def _read_parquet(p: Path) -> list[tuple[str, object]]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(p)
-    except (pa.ArrowException, OSError) as exc:
-        raise InputError(f"is not a readable Parquet file ({exc})", where=str(p)) from None
-    return _columnar(str(p), table.to_pylist())
-
-
-def _read_saved(p: Path) -> list[tuple[str, object]]:
-    import datasets
-
-    return _columnar(str(p), datasets.load_from_disk(str(p)).to_list())
-
-
-def _columnar(name: str, rows: list[dict]) -> list[tuple[str, object]]:
-    # Arrow gives every row every column; a value missing from a row comes back as None.
-    return [(f"{name}[{i}]", {k: v for k, v in r.items() if v is not None}) for i, r in enumerate(rows)]
-
-
-def _read_hub(repo_id: str) -> list[tuple[str, object]]:
-    import datasets
-    import huggingface_hub.constants as hub_constants
-    from datasets.exceptions import DatasetNotFoundError
-
-    # Both libraries read HF_HUB_OFFLINE once, at import: if it was set later, enforce it for this call.
-    offline = datasets.config.HF_HUB_OFFLINE or any(os.environ.get(v, "").upper() in {"1", "ON", "YES", "TRUE"}
-                                                    for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-    saved = datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE
-    if offline:
-        datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
-    try:
-        ds = datasets.load_dataset(repo_id, split="train")
-    except ConnectionError:  # includes huggingface_hub's OfflineModeIsEnabled
-        if offline:
-            raise OfflineError("is not a local path, nor a Hub dataset in the local cache (HF_HUB_OFFLINE is set)",
-                               where=repo_id, hint="download it once online, or give a local file") from None
-        raise OfflineError("could not reach the Hugging Face Hub", where=repo_id,
-                           hint="check the connection, or give a local file") from None
-    except (DatasetNotFoundError, FileNotFoundError):
-        raise InputError("is neither a local path nor a dataset on the Hugging Face Hub", where=repo_id,
-                         hint="check the spelling; a gated dataset needs `hf auth login`") from None
-    except ValueError as exc:  # e.g. no "train" split
-        raise InputError(f"could not be loaded as a train split ({exc})", where=repo_id) from None
-    finally:
-        datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
-    return _columnar(repo_id, ds.to_list())
-
-
 # Normalisation
 
 def _normalise(obj: object, where: str) -> Row:
     if not isinstance(obj, dict):
-        raise InputError(f"row must be an object with named fields, not {_kind(obj)}", where=where)
+        raise InputError(f"row must be an object with named fields, not {kind_of(obj)}", where=where)
     for key in ("messages", "conversations"):
         if key in obj:
             messages = _chat(obj[key], key, where)
@@ -281,9 +160,9 @@ def _normalise(obj: object, where: str) -> Row:
             return Row(where, "chat", messages, tools=tools)
     system = _field(obj, "system", where, optional=True)
     head = [{"role": "system", "content": system}] if system else []
-    if "prompt" in obj and "completion" in obj:
-        return Row(where, "prompt_completion", head + _turn(_field(obj, "prompt", where),
-                                                            _field(obj, "completion", where)))
+    for ask, reply in (("prompt", "completion"), ("question", "answer")):  # question / answer: FAQ sheets
+        if ask in obj and reply in obj:
+            return Row(where, "prompt_completion", head + _turn(_field(obj, ask, where), _field(obj, reply, where)))
     response = next((k for k in ("response", "output") if k in obj), None)
     if "instruction" in obj and response:
         user = _field(obj, "instruction", where)
@@ -293,6 +172,10 @@ def _normalise(obj: object, where: str) -> Row:
         return Row(where, "instruction", head + _turn(user, _field(obj, response, where)))
     if "text" in obj:
         return Row(where, "text", None, _field(obj, "text", where))
+    close = [f"'{k}' (did you mean '{m[0]}'?)" for k in map(str, obj)
+             if k not in FIELDS and (m := difflib.get_close_matches(k.lower(), FIELDS, n=1, cutoff=0.75))]
+    if close:
+        raise InputError(f"row has no known schema; its field {close[0]}", where=where, hint=f"accepted: {SCHEMAS}")
     raise InputError("row has neither a known schema nor a 'text' field", where=where,
                      hint=f"accepted: {SCHEMAS}; found keys: {', '.join(map(str, obj)) or 'none'}")
 
@@ -306,7 +189,7 @@ def _field(obj: dict, key: str, where: str, optional: bool = False) -> str:
     if value is None and optional:
         return ""
     if not isinstance(value, str):
-        raise InputError(f"field '{key}' must be a string, not {_kind(value)}", where=where)
+        raise InputError(f"field '{key}' must be a string, not {kind_of(value)}", where=where)
     return value
 
 
@@ -317,11 +200,11 @@ def _pick(msg: dict, *keys: str):
 
 def _chat(msgs: object, key: str, where: str) -> list[dict]:
     if not isinstance(msgs, list) or not msgs:
-        raise InputError(f"'{key}' must be a non-empty list of messages, not {_kind(msgs)}", where=where)
+        raise InputError(f"'{key}' must be a non-empty list of messages, not {kind_of(msgs)}", where=where)
     out = []
     for i, m in enumerate(msgs):
         if not isinstance(m, dict):
-            raise InputError(f"message {i} must be an object with role and content, not {_kind(m)}", where=where)
+            raise InputError(f"message {i} must be an object with role and content, not {kind_of(m)}", where=where)
         role, content = _pick(m, "role", "from"), _pick(m, "content", "value")
         if role is None or ("content" not in m and "value" not in m and not m.get("tool_calls")):
             raise InputError(f"message {i} needs 'role' and 'content' (ShareGPT: 'from' and 'value')", where=where,
@@ -340,7 +223,7 @@ def _chat(msgs: object, key: str, where: str) -> list[dict]:
             content = "" if content is None else content
         thought = _pick(m, "reasoning_content", "thinking", "reasoning") if canonical == "assistant" else None
         if thought is not None and not isinstance(thought, str):  # the fields chat exporters use
-            raise InputError(f"message {i} reasoning must be a string, not {_kind(thought)}", where=where)
+            raise InputError(f"message {i} reasoning must be a string, not {kind_of(thought)}", where=where)
         extra = ({"reasoning_content": thought} if thought is not None else {}) | ({"tool_calls": calls} if calls else {})
         if isinstance(content, list):  # multimodal parts: text and images (paths relative to the file)
             parts = _parts(content, i, where)
@@ -351,7 +234,7 @@ def _chat(msgs: object, key: str, where: str) -> list[dict]:
                        | extra)
             continue
         if not isinstance(content, str):
-            raise InputError(f"message {i} content must be a string or a list of parts, not {_kind(content)}",
+            raise InputError(f"message {i} content must be a string or a list of parts, not {kind_of(content)}",
                              where=where, hint='parts: {"type": "text", "text": ...} or {"type": "image", '
                                                '"image": "path/to.png"}')
         out.append({"role": canonical, "content": content} | extra)
@@ -374,16 +257,10 @@ def _parts(content: list, i: int, where: str) -> list[dict]:
         else:
             raise InputError(f"message {i} part {j} must be {{\"type\": \"text\", \"text\": ...}}, "
                              f"{{\"type\": \"image\", \"image\": \"path\"}} or {{\"type\": \"audio\", "
-                             f"\"audio\": \"path\"}}, not {_kind(part)}", where=where)
+                             f"\"audio\": \"path\"}}, not {kind_of(part)}", where=where)
     return parts
 
 
 def media_of(messages: list[dict] | None, kind: str) -> list[str]:
     """The `kind` ("image" / "audio") file paths of a conversation's parts, in order (as written)."""
     return [p[kind] for m in messages or [] for p in m.get("parts", []) if p["type"] == kind]
-
-
-def _kind(value: object) -> str:
-    names = {dict: "an object", list: "a list", str: "a string", bool: "true/false", int: "a number",
-             float: "a number", type(None): "null"}
-    return names.get(type(value), type(value).__name__)

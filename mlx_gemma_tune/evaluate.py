@@ -19,6 +19,7 @@ class LossResult:
     rows: int
     truncated: int
     dropped: list[str] = field(default_factory=list)  # rows with no answer token left after truncation
+    data: str | None = None  # the file evaluated (a split folder's test split, else its valid split)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,9 +57,11 @@ def evaluate_loss(model_path: Path, data_path: Path, *, adapter: Path | None = N
     """Mean cross-entropy (nats per target token) and perplexity of a model or run on a dataset, on the
     tokens training would learn (the same chat-template masks); rows are cut at max_seq_length (None:
     the run's data.max_seq_length, else the recipe default) and rows left without a target are
-    dropped and named. Raises InputError when no row has a target."""
-    from mlx_gemma_tune import lora, models, rundir
+    dropped and named. `data_path` may be a split folder: its test split, else its valid split.
+    Raises InputError when no row has a target."""
+    from mlx_gemma_tune import dataset_files, lora, models, rundir
 
+    data_path = dataset_files.held_out(data_path)
     base, run_adapter = rundir.resolve_target(str(model_path))  # a run directory brings its adapter
     model, tokenizer, config = models.load(models.resolve_model_dir(base))
     if adapter is not None or run_adapter is not None:
@@ -69,7 +72,7 @@ def evaluate_loss(model_path: Path, data_path: Path, *, adapter: Path | None = N
     loss, tokens = dataset_loss(model, examples, batch_size, progress)
     rows = len({e.source for e in examples})  # a conversation can be one sequence per turn (data.py)
     return LossResult(loss=loss, perplexity=math.exp(loss), tokens=tokens, rows=rows, truncated=truncated,
-                      dropped=dropped)
+                      dropped=dropped, data=str(data_path))
 
 
 # ---- task metrics on generated answers ------------------------------------------------------
@@ -149,6 +152,9 @@ def evaluate(model_or_run: str, data_path: str, *, metrics: tuple[str, ...] = ("
     if compare and session.adapter is None:
         raise UserError("--compare needs an adapter", hint="pass --adapter DIR or a run directory")
     labels = (["base", "tuned"] if compare else ["tuned" if session.adapter else "model"])
+    from mlx_gemma_tune import dataset_files
+
+    data_path = dataset_files.held_out(data_path)  # a split folder: its test split, else its valid split
     items = _items(data_path, need_reference=bool(text_metrics or judge_model))
     report = EvalReport(data=str(data_path), rows=0, metrics=list(metrics), scores={})
     answers: dict[str, list[str]] = {}

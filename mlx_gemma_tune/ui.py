@@ -78,7 +78,7 @@ def progress_bar(label: str) -> Iterator[Callable[[int, int], None]]:
 
 def show_loss(r) -> None:
     out.print(f"loss [bold]{r.loss:.4f}[/]  perplexity {r.perplexity:.3f}  "
-              f"({r.tokens:,} target tokens in {r.rows:,} rows)")
+              f"({r.tokens:,} target tokens in {r.rows:,} rows of {r.data})", soft_wrap=True)
     if r.truncated:
         err.print(f"[yellow]warning:[/] {r.truncated} rows were longer than --max-seq-length and were truncated")
     if r.dropped:

@@ -239,7 +239,7 @@ BAD_ROWS = [
     ([{"messages": [user("hi")]}], ":1", "no assistant message", "bad.jsonl"),
     ([{"messages": [{"content": "x"}]}], ":1", "message 0 needs 'role'", "found keys: content"),
     ([{"messages": []}], ":1", "non-empty list", "bad.jsonl"),
-    ([{"question": "q", "answer": "a"}], ":1", "neither a known schema", "found keys: question, answer"),
+    ([{"query": "q", "reply": "a"}], ":1", "neither a known schema", "found keys: query, reply"),
     ([{"prompt": "p", "completion": None}], ":1", "field 'completion' must be a string", "null"),
     ([{"instruction": "i", "response": 3}], ":1", "field 'response'", "a number"),
     ([{"prompt": "p", "completion": "c", "system": ["x"]}], ":1", "field 'system'", "a list"),
@@ -300,9 +300,9 @@ def test_bad_json_files(tmp_path):
 
 
 def test_bad_csv_files(tmp_path):
-    p = write_csv(tmp_path / "cols.csv", ["question", "answer"], [["q", "a"]])
+    p = write_csv(tmp_path / "cols.csv", ["query", "reply"], [["q", "a"]])
     line = error_of(read_rows, p)
-    assert "cols.csv:1" in line and "required columns" in line and "question, answer" in line
+    assert "cols.csv:1" in line and "required columns" in line and "query, reply" in line
     p = write_csv(tmp_path / "half.csv", ["instruction", "context"], [["q", "a"]])  # no response column
     assert "half.csv:1" in error_of(read_rows, p)
     p = tmp_path / "fields.csv"
@@ -443,3 +443,31 @@ def test_check_dataset_token_lengths_match_training(tmp_path, tokenizer):
     rep = check_dataset(root, tokenizer=hf, max_seq_length=min(expected) - 1)
     assert rep.too_long == 7 and rep.too_long_at == [f"{root / 'train.jsonl'}:{n}" for n in (1, 2, 3)]
     assert rep.lengths["max"] == max(expected)
+
+
+def test_a_faq_sheet_of_questions_and_answers_is_prompt_completion(tmp_path):
+    """The most common FAQ layout, question,answer columns (CSV or JSONL), trains as prompt / completion."""
+    from mlx_gemma_tune import dataset_files
+
+    sheet = write_csv(tmp_path / "faq.csv", ["question", "answer"], [["How do I reset my password?", "Use 'Forgot'."]])
+    [row] = dataset_files.read_rows(sheet)
+    assert row.fmt == "prompt_completion" and row.where == f"{sheet}:2"
+    assert row.messages == [{"role": "user", "content": "How do I reset my password?"},
+                            {"role": "assistant", "content": "Use 'Forgot'."}]
+    rows = tmp_path / "faq.jsonl"
+    rows.write_text('{"question": "Q?", "answer": "A.", "system": "Be brief."}\n')
+    [row] = dataset_files.read_rows(rows)
+    assert [m["role"] for m in row.messages] == ["system", "user", "assistant"]
+
+
+def test_eval_on_a_split_folder_uses_its_held_out_split(tmp_path):
+    from mlx_gemma_tune import dataset_files
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for split in ("train", "valid", "test"):
+        (folder / f"{split}.jsonl").write_text('{"prompt": "Q", "completion": "A"}\n')
+    assert dataset_files.held_out(folder) == folder / "test.jsonl"
+    (folder / "test.jsonl").unlink()
+    assert dataset_files.held_out(folder) == folder / "valid.jsonl"
+    assert dataset_files.held_out(folder / "train.jsonl") == folder / "train.jsonl"

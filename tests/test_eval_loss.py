@@ -125,3 +125,15 @@ def test_eval_on_a_run_measures_the_data_as_the_run_did(hf_model, tmp_path):
     assert on_run["tokens"] == answer_only  # data.reasoning: drop, as the run trained
     assert on_model["tokens"] > answer_only + len(hf.encode(thought, add_special_tokens=False))  # thought trained
     assert tokens(run, "--max-seq-length", "2048")["rows"] == 2  # an explicit flag wins
+
+
+def test_eval_takes_a_split_folder_as_train_does(hf_model, tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for split, answer in (("train", "Rex."), ("test", "Tom.")):
+        (folder / f"{split}.jsonl").write_text(json.dumps({"prompt": "Name a pet.", "completion": answer}) + "\n")
+    res = run_cli(["eval", hf_model("gemma3_text"), "--data", folder, "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["data"] == str(folder / "test.jsonl")
+    human = run_cli(["eval", hf_model("gemma3_text"), "--data", folder])
+    assert f"rows of {folder / 'test.jsonl'}" in human.stdout
