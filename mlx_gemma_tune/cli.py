@@ -25,6 +25,8 @@ class App(click.Group):
     """
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        # transformers' advice at import ("PyTorch was not found ...") is not the user's concern here
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
         argv = list(sys.argv[1:] if args is None else args)
         debug = "--debug" in argv
         # under mlx.launch every process prints its own errors: say which

@@ -84,3 +84,30 @@ def test_doctor_table():
     assert res.exit_code == 0
     for word in ("Python", "mlx-lm", "transformers", "MLX device", "Memory", "world size 1"):
         assert word in res.stdout
+
+
+def test_the_package_builds_quietly_with_its_recipes_and_examples(tmp_path):
+    """setuptools ships the data folders (recipes, example datasets) without a warning per folder."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    src = tmp_path / "src"
+    shutil.copytree(root / "mlx_gemma_tune", src / "mlx_gemma_tune", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        if (root / name).exists():
+            shutil.copy(root / name, src / name)
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation",
+                            "-w", str(tmp_path / "dist"), "-v"], capture_output=True, text=True, timeout=300, check=False)
+    assert build.returncode == 0, build.stderr[-2000:]
+    noise = [x for x in (build.stdout + build.stderr).splitlines() if "absent from the `packages`" in x
+             or "would be ignored" in x]
+    assert noise == []
+    [wheel] = (tmp_path / "dist").glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"mlx_gemma_tune/recipes/gemma4-e2b-lora.yaml", "mlx_gemma_tune/recipes/tasks/tool-calling.yaml",
+            "mlx_gemma_tune/examples/tool_calling/train.jsonl", "mlx_gemma_tune/examples/tool_calling/tools.json",
+            "mlx_gemma_tune/examples/README.md"} <= names
