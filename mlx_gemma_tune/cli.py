@@ -16,6 +16,9 @@ from mlx_gemma_tune.evaluate import EVAL_BATCH_SIZE, EVAL_MAX_TOKENS
 from mlx_gemma_tune.recipe import default as recipe_default
 from mlx_gemma_tune.version import VERSION
 
+# Commands that compute with MLX: on Linux they run with OpenBLAS when it is installed (cpu_blas.py).
+COMPUTE_COMMANDS = {"train", "chat", "generate", "eval", "quickstart", "convert", "fuse", "export", "doctor"}
+
 
 class App(click.Group):
     """A Click group that turns every failure into one line on stderr and an exit code.
@@ -31,6 +34,15 @@ class App(click.Group):
         debug = "--debug" in argv
         # under mlx.launch every process prints its own errors: say which
         who = f"[rank {os.environ['MLX_RANK']}] " if "--distributed" in argv and "MLX_RANK" in os.environ else ""
+        command = next((a for a in argv if not a.startswith("-")), None)
+        if command in COMPUTE_COMMANDS and "--help" not in argv:
+            from mlx_gemma_tune import cpu_blas
+
+            if args is None:  # a real process (not a test calling main): it may restart with OpenBLAS
+                cpu_blas.restart_with_openblas(argv)
+            note = cpu_blas.slow_note()
+            if note and command != "doctor":  # doctor reports it in full
+                click.echo(f"{who}note: {note}", err=True)
         if "--distributed" in argv and hasattr(signal, "pthread_sigmask"):
             # before MLX starts its threads: Ctrl-C must not land inside a collective (trainer._install_sigint)
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
@@ -268,82 +280,6 @@ def train(recipe, model, data, out, sets, quantize, mask_prompt, resume, force, 
         sys.exit(130)
 
 
-@cli.group()
-def recipes():
-    """List, show and copy the shipped training recipes."""
-
-
-@recipes.command("list")
-def recipes_list():
-    """The shipped recipes."""
-    from mlx_gemma_tune import recipe as r
-
-    for name, about in r.list_recipes():
-        click.echo(f"{name:28s} {about}")
-
-
-@recipes.command("show")
-@click.argument("name")
-def recipes_show(name):
-    """Print a recipe (a shipped name or a path)."""
-    from mlx_gemma_tune import recipe as r
-
-    click.echo(r.find_recipe(name).read_text(), nl=False)
-
-
-@recipes.command("copy")
-@click.argument("name")
-@click.argument("dest", type=click.Path())
-@click.option("--force", is_flag=True, help="Overwrite DEST if it exists.")
-def recipes_copy(name, dest, force):
-    """Copy a shipped recipe to DEST to edit it."""
-    from pathlib import Path
-
-    from mlx_gemma_tune import fsio
-    from mlx_gemma_tune import recipe as r
-    from mlx_gemma_tune.errors import OutputError
-
-    src = r.find_recipe(name)
-    target = Path(dest)
-    if target.is_dir():
-        target = target / src.name
-    if target.exists() and not force:
-        raise OutputError("already exists", where=str(target), hint="pass --force to overwrite it")
-    fsio.atomic_write_text(target, src.read_text())
-    click.echo(f"Copied {src.stem} to {target}")
-
-
-@cli.group()
-def data():
-    """Inspect datasets before training."""
-
-
-@data.command("check")
-@click.argument("path")
-@click.option("--model", default=None, type=click.Path(file_okay=False),
-              help="A model directory whose tokenizer and chat template measure the rows in tokens.")
-@click.option("--max-seq-length", type=click.IntRange(min=1), default=recipe_default("data.max_seq_length"),
-              show_default=True, help="Count rows longer than this many tokens (needs --model).")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def data_check(path, model, max_seq_length, as_json):
-    """Report rows, formats, length stats, overlong, duplicate and empty rows of PATH."""
-    from mlx_gemma_tune import ui
-    from mlx_gemma_tune.data_check import check
-
-    with ui.status("Checking the dataset"):
-        report = check(path, model, max_seq_length)
-    if as_json:
-        ui.print_json(report.to_dict())
-    else:
-        ui.show_data_report(report)
-    if report.refused:
-        from mlx_gemma_tune.data import REFUSED_HINT
-        from mlx_gemma_tune.errors import InputError
-
-        raise InputError(f"{len(report.refused)} row(s) cannot be rendered by the model's chat template "
-                         f"(listed above), e.g. {report.refused[0]}", where=str(path), hint=REFUSED_HINT)
-
-
 @cli.command()
 @click.option("--model", default=None,
               help="A supported hub id (e.g. google/gemma-3n-E2B-it, needs access online) or a model directory. "
@@ -372,10 +308,10 @@ def quickstart(model, steps, eval_rows, show, out, force, as_json):
         ui.show_quickstart(result)
 
 
-# chat, generate, fuse and export live in cli_use.py
-from mlx_gemma_tune import cli_use
+# chat, generate, fuse and export live in cli_use.py; recipes and data check in cli_data.py
+from mlx_gemma_tune import cli_data, cli_use
 
-for _command in cli_use.COMMANDS:
+for _command in (*cli_use.COMMANDS, *cli_data.COMMANDS):
     cli.add_command(_command)
 
 

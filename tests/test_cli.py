@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from helpers import assert_one_line_error, run_cli
 
 HEAVY = ("mlx", "mlx_lm", "mlx_vlm", "transformers", "torch", "datasets", "rich")
@@ -111,3 +113,32 @@ def test_the_package_builds_quietly_with_its_recipes_and_examples(tmp_path):
     assert {"mlx_gemma_tune/recipes/gemma4-e2b-lora.yaml", "mlx_gemma_tune/recipes/tasks/tool-calling.yaml",
             "mlx_gemma_tune/examples/tool_calling/train.jsonl", "mlx_gemma_tune/examples/tool_calling/tools.json",
             "mlx_gemma_tune/examples/README.md"} <= names
+
+
+def test_compute_commands_use_openblas_when_installed_and_say_so_when_not(hf_model):
+    """Linux: MLX's bundled reference BLAS is ~30x slower; a compute command restarts itself with
+    OpenBLAS preloaded when it is installed, and otherwise says so in one line before it starts."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from mlx_gemma_tune import cpu_blas
+
+    if cpu_blas.openblas_library() is None:
+        pytest.skip("Debian's OpenBLAS is not installed here")
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+
+    def run(*args, **extra):
+        return subprocess.run([sys.executable, "-m", "mlx_gemma_tune", *args], env=env | extra, capture_output=True,
+                              text=True, timeout=300, check=False)
+
+    fast = run("doctor", "--json")
+    assert fast.returncode == 0, fast.stderr
+    assert any("openblas" in lib for lib in json.loads(fast.stdout)["blas"]["libraries"])
+    slow = run("generate", str(hf_model("gemma3_text")), "--prompt", "Hi", "--max-tokens", "1",
+               MLX_GEMMA_TUNE_OPENBLAS="0")
+    assert slow.returncode == 0, slow.stderr
+    assert slow.stderr.splitlines()[0].startswith("note: MLX is using its slow reference BLAS")
+    quiet = run("generate", str(hf_model("gemma3_text")), "--prompt", "Hi", "--max-tokens", "1")
+    assert quiet.returncode == 0 and "reference BLAS" not in quiet.stderr
