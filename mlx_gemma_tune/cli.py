@@ -305,7 +305,7 @@ def quickstart(model, steps, eval_rows, show, out, force, as_json):
     if as_json:
         ui.print_json(result.__dict__)
     else:
-        ui.show_quickstart(result)
+        ui.show_quickstart(result, *_how_to_run())
 
 
 # chat, generate, fuse and export live in cli_use.py; recipes and data check in cli_data.py
@@ -313,6 +313,26 @@ from mlx_gemma_tune import cli_data, cli_use
 
 for _command in (*cli_use.COMMANDS, *cli_data.COMMANDS):
     cli.add_command(_command)
+
+
+def _how_to_run() -> tuple[str, str | None]:
+    """(the command as the user can type it, the line that puts it on PATH first, or None): after
+    scripts/quickstart.sh, `mlx-gemma-tune` lives in .venv/bin, which is not on PATH yet."""
+    import shutil
+    from pathlib import Path
+
+    bin_dir = Path(sys.executable).parent
+    found = shutil.which("mlx-gemma-tune")
+    if found and Path(found).parent.resolve() == bin_dir.resolve():
+        return "mlx-gemma-tune", None
+    activate = bin_dir / "activate"
+    if activate.is_file():
+        try:
+            shown = activate.relative_to(Path.cwd())
+        except ValueError:
+            shown = activate
+        return "mlx-gemma-tune", f"source {shown}"
+    return str(bin_dir / "mlx-gemma-tune"), None
 
 
 def _show_upstream_warnings(who: str) -> None:

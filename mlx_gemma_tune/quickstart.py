@@ -49,9 +49,11 @@ def _held_out(rows: int):
     return [(r.messages[:-1], r.messages[-1]["content"]) for r in test]
 
 
-def _answers(session, items) -> list[str]:
+def _answers(session, items, say, when: str) -> list[str]:
+    """Greedy answers to the held-out prompts, one progress line each (each takes seconds on a CPU)."""
     out = []
-    for messages, _ref in items:
+    for i, (messages, _ref) in enumerate(items, 1):
+        say(f"Answering held-out prompt {i} of {len(items)} {when} training")
         out.append("".join(session.stream(messages)).strip())
     return out
 
@@ -66,8 +68,9 @@ def run_quickstart(out: str = "quickstart", *, model: str | None = None, steps: 
     out_p = Path(out).expanduser()
     fsio.check_output_dir(out_p, force=force)
     notes = []
-    if sys.platform != "darwin":
+    if sys.platform != "darwin":  # said now, before the slow part, and kept in the result
         notes.append("MLX runs on the CPU here (no Metal GPU): expect seconds per training step, not milliseconds")
+        say(notes[-1])
     if model is None:
         from mlx_gemma_tune import demo
 
@@ -79,8 +82,7 @@ def run_quickstart(out: str = "quickstart", *, model: str | None = None, steps: 
     items = _held_out(max(eval_rows, show))
     say("Loading the model")
     chat = ChatSession.open(str(base), sampling=Sampling(temp=0.0, max_tokens=64))
-    say("Answering the held-out prompts before training")
-    before = _answers(chat, items)
+    before = _answers(chat, items, say, "before")
 
     if out_p.exists() and force:
         import shutil
@@ -96,9 +98,8 @@ def run_quickstart(out: str = "quickstart", *, model: str | None = None, steps: 
                                    progress=say)
     trainer.run(prepared, callback=train_callback)
 
-    say("Answering the held-out prompts after training")
     chat.set_adapter(run_dir)
-    after = _answers(chat, items)
+    after = _answers(chat, items, say, "after")
     refs = [ref for _m, ref in items]
     n = len(items[:eval_rows])
     acc_before = sum(exact_json_match(a, r) for a, r in zip(before[:n], refs[:n])) / n

@@ -54,6 +54,7 @@ class RunStart:
     grad_checkpoint: bool
     memory_estimate_gb: float | None  # GiB, without gradient checkpointing
     memory_budget_gb: float | None  # GiB
+    device: str = "gpu"  # where MLX computes: "gpu" (Metal) or "cpu"
 
 
 @dataclass

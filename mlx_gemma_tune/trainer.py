@@ -121,7 +121,7 @@ class _Loop:
             trainable_parameters=lora.trainable_parameters(self.model), modules=len(p.lora.modules),
             packed_sequences=len(self.bins) if self.bins is not None else None,
             grad_checkpoint=bool(self.checkpointing), memory_estimate_gb=self.estimate.total_gb,
-            memory_budget_gb=self.estimate.budget_gb))
+            memory_budget_gb=self.estimate.budget_gb, device=_device()))
         started = time.monotonic()
         previous_handler = _install_sigint(self.control)
         self.model.train()
@@ -285,6 +285,12 @@ class _Loop:
         distributed.barrier(self.world)  # no rank exits (which ends the launch) before rank 0 has written
         self.cb.on_end(summary)
         return summary
+
+
+def _device() -> str:
+    import mlx.core as mx
+
+    return "cpu" if mx.default_device() == mx.cpu else "gpu"
 
 
 def _install_sigint(control: Control):

@@ -279,9 +279,9 @@ def show_export(r) -> None:
                   f"{r.verify_base_max_diff:.2e})", soft_wrap=True)
 
 
-def show_quickstart(r) -> None:
-    for note in r.notes:
-        err.print(f"[yellow]note:[/] {note}", soft_wrap=True)
+def show_quickstart(r, command: str = "mlx-gemma-tune", activate: str | None = None) -> None:
+    """The before / after answers, exact match, the outputs and the next commands (`command` as the
+    user can type it; `activate`: the line that puts it on PATH, when it is not)."""
     for prompt, before, after, ref in zip(r.prompts, r.before, r.after, r.references):
         if out.is_terminal:
             t = Table(title=prompt, show_lines=True, expand=True)
@@ -296,7 +296,8 @@ def show_quickstart(r) -> None:
               f"after {r.accuracy_after:.0%}", soft_wrap=True)
     out.print(f"Run: {r.run_dir}\nFused MLX model: {r.fused}\nHugging Face checkpoint: {r.hf}\n"
               f"PEFT adapter: {r.peft}", markup=False, soft_wrap=True)
-    out.print("Next: mlx-gemma-tune chat " + r.run_dir + "  |  mlx-gemma-tune generate " + r.run_dir +
-              " --prompt \"...\" --compare", markup=False, soft_wrap=True)
+    first = f"{activate}, then: " if activate else ""
+    out.print(f"Next: {first}{command} chat {r.run_dir}  |  {command} generate {r.run_dir} --prompt \"...\" --compare",
+              markup=False, soft_wrap=True)
 
 

@@ -3,12 +3,25 @@ sparkline) and the run's summary. With ui.py and ui_chat.py, the only modules th
 
 from __future__ import annotations
 
+import time
+
 from rich.table import Table
 
 from mlx_gemma_tune import ui
 from mlx_gemma_tune.train_state import RunStart, TrainCallback, TrainReport, ValReport
 
 SPARK = "▁▂▃▄▅▆▇█"
+
+
+def rate(x: float) -> str:
+    """A throughput with the digits it deserves: 1234, 12.3, 0.42 (never a misleading 0)."""
+    return f"{x:.0f}" if x >= 100 else f"{x:.1f}" if x >= 10 else f"{x:.2f}" if x >= 0.01 else f"{x:.1e}"
+
+
+def duration(seconds: float) -> str:
+    """3h 05m, 12m 30s, 45s."""
+    s = round(seconds)
+    return f"{s // 3600}h {s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m {s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def sparkline(values: list[float], width: int = 24) -> str:
@@ -35,6 +48,7 @@ class TrainDashboard(TrainCallback):
         self.val: ValReport | None = None
         self.total = 0
         self.start_step = 0
+        self.started = time.monotonic()
 
     # -- context ------------------------------------------------------------------------------
     def __enter__(self):
@@ -51,7 +65,7 @@ class TrainDashboard(TrainCallback):
 
     # -- callbacks ----------------------------------------------------------------------------
     def on_start(self, start: RunStart) -> None:
-        self.total, self.start_step = start.total_steps, start.start_step
+        self.total, self.start_step, self.started = start.total_steps, start.start_step, time.monotonic()
         resumed = f", resuming after step {self.start_step}" if self.start_step else ""
         self.console.print(f"Training {start.modules} adapted modules ({ui.human_count(start.trainable_parameters)} "
                            f"trainable parameters) on {start.train_rows} rows, {start.valid_rows} validation "
@@ -62,6 +76,9 @@ class TrainDashboard(TrainCallback):
             ckpt = "on" if start.grad_checkpoint else "off"
             self.console.print(f"{packed}estimated peak memory {start.memory_estimate_gb:.2f} GiB{budget} "
                                f"without gradient checkpointing; checkpointing {ckpt}", soft_wrap=True)
+        if start.device == "cpu":
+            self.console.print("MLX runs on the CPU here (no Metal GPU): expect seconds per step, not milliseconds",
+                               soft_wrap=True)
         if self.console.is_terminal:
             from rich.live import Live
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -87,17 +104,23 @@ class TrainDashboard(TrainCallback):
             r = report
             self.console.print(
                 f"step {r.step}/{r.total_steps} epoch {r.epoch} loss {r.loss:.4f} smoothed {r.smoothed_loss:.4f} "
-                f"lr {r.lr:.2e} tok/s {r.tokens_per_sec:.0f} it/s {r.it_per_sec:.2f} peak {r.peak_memory_gb:.2f} GB",
-                soft_wrap=True)
+                f"lr {r.lr:.2e} tok/s {rate(r.tokens_per_sec)} it/s {rate(r.it_per_sec)} "
+                f"peak {r.peak_memory_gb:.2f} GB{self._eta(r.step)}", soft_wrap=True)
 
     def on_val_report(self, report: ValReport) -> None:
         self.val = report
         if self.live is not None:
             self.live.update(self._render())
         else:
-            mark = " (best)" if report.improved else ""
-            self.console.print(f"step {report.step} val_loss {report.val_loss:.4f}{mark} "
-                               f"best {report.best_val_loss:.4f} at step {report.best_step}", soft_wrap=True)
+            best = "(new best)" if report.improved else f"(best {report.best_val_loss:.4f} at step {report.best_step})"
+            self.console.print(f"step {report.step} val_loss {report.val_loss:.4f} {best}", soft_wrap=True)
+
+    def _eta(self, step: int) -> str:
+        """ ' eta 12m 30s' from this run's pace so far (nothing at the last step)."""
+        done = step - self.start_step
+        if done <= 0 or step >= self.total:
+            return ""
+        return f" eta {duration((time.monotonic() - self.started) / done * (self.total - step))}"
 
     def _line(self, text: str) -> None:
         (self.live.console if self.live is not None else self.console).print(text, soft_wrap=True)
@@ -117,7 +140,7 @@ class TrainDashboard(TrainCallback):
                       f"{self.val.best_step})")
         if last:
             t.add_row("lr", f"{last.lr:.2e}")
-            t.add_row("speed", f"{last.tokens_per_sec:.0f} tok/s, {last.it_per_sec:.2f} it/s")
+            t.add_row("speed", f"{rate(last.tokens_per_sec)} tok/s, {rate(last.it_per_sec)} it/s")
             t.add_row("peak memory", f"{last.peak_memory_gb:.2f} GB")
         return Group(self.progress, t)
 

@@ -142,3 +142,20 @@ def test_compute_commands_use_openblas_when_installed_and_say_so_when_not(hf_mod
     assert slow.stderr.splitlines()[0].startswith("note: MLX is using its slow reference BLAS")
     quiet = run("generate", str(hf_model("gemma3_text")), "--prompt", "Hi", "--max-tokens", "1")
     assert quiet.returncode == 0 and "reference BLAS" not in quiet.stderr
+
+
+def test_the_next_commands_say_how_to_get_mlx_gemma_tune_on_path(monkeypatch, tmp_path):
+    """After scripts/quickstart.sh, `mlx-gemma-tune` is in .venv/bin, not on PATH: the hint says so."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    from mlx_gemma_tune import cli
+
+    bin_dir = Path(sys.executable).parent
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    command, activate = cli._how_to_run()
+    assert command == "mlx-gemma-tune" and activate is not None and activate.startswith("source ")
+    assert activate.endswith("activate") and (bin_dir / "activate").is_file()
+    monkeypatch.setattr(shutil, "which", lambda name: str(bin_dir / name))
+    assert cli._how_to_run() == ("mlx-gemma-tune", None)

@@ -40,7 +40,7 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert (Path(r["fused"]) / "config.json").is_file()
     assert json.loads((out / "quickstart.json").read_text())["run_dir"] == r["run_dir"]
     # The stages and the training dashboard go to stderr, so --json stays parseable.
-    assert "Answering the held-out prompts before training" in res.stderr and "step 1/1" in res.stderr
+    assert "Answering held-out prompt 1 of 1 before training" in res.stderr and "step 1/1" in res.stderr
 
 
 def test_quickstart_refuses_existing_output(tmp_path):

@@ -527,3 +527,32 @@ def test_typed_state_and_reports_keep_the_files_and_the_loss_plugs_in(hf_model, 
     trainer.run(prepared("doubled"), loss=doubled)
     first = json.loads((tmp_path / "doubled" / "metrics.jsonl").read_text().splitlines()[0])
     assert calls and first["loss"] == pytest.approx(2 * records[0]["loss"], rel=1e-5)  # step 1: same weights
+
+
+def test_plain_training_lines_have_an_eta_honest_rates_and_one_best(monkeypatch):
+    """Logs (no terminal): the CPU expectation before the first step, an ETA per line, a slow rate shown
+    as 0.42 (not 0), and the validation line saying 'new best' or the best so far, once."""
+    import io
+
+    from rich.console import Console
+
+    from mlx_gemma_tune import ui_train
+    from mlx_gemma_tune.train_state import RunStart, TrainReport, ValReport
+
+    log = io.StringIO()
+    board = ui_train.TrainDashboard(console=Console(file=log, force_terminal=False, width=200))
+    clock = iter([100.0, 160.0])  # on_start, then the line of step 2
+    monkeypatch.setattr(ui_train.time, "monotonic", lambda: next(clock))
+    board.on_start(RunStart(total_steps=10, start_step=0, steps_per_epoch=5, train_rows=20, valid_rows=4,
+                            run_dir="runs/x", trainable_parameters=1000, modules=8, packed_sequences=None,
+                            grad_checkpoint=False, memory_estimate_gb=None, memory_budget_gb=None, device="cpu"))
+    board.on_train_report(TrainReport(step=2, total_steps=10, epoch=1, loss=1.5, smoothed_loss=1.6, lr=2e-4,
+                                      tokens_per_sec=0.42, it_per_sec=0.033, peak_memory_gb=1.0, grad_norm=1.0))
+    board.on_val_report(ValReport(step=2, val_loss=1.2, best_val_loss=1.2, best_step=2, improved=True))
+    board.on_val_report(ValReport(step=4, val_loss=1.3, best_val_loss=1.2, best_step=2, improved=False))
+    lines = log.getvalue().splitlines()
+    assert "expect seconds per step" in lines[1]
+    assert "tok/s 0.42 it/s 0.033" not in lines[2] and "tok/s 0.42 it/s 0.03" in lines[2]
+    assert lines[2].endswith("eta 4m 00s")  # 60 s for 2 steps, 8 to go
+    assert lines[3] == "step 2 val_loss 1.2000 (new best)"
+    assert lines[4] == "step 4 val_loss 1.3000 (best 1.2000 at step 2)"
