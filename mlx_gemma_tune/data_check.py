@@ -113,7 +113,8 @@ def check(path: str | Path, model: str | Path | None = None, max_seq_length: int
     if model is not None:
         from mlx_lm.utils import load_tokenizer
 
+        from mlx_gemma_tune.demo import resolve_alias
         from mlx_gemma_tune.models import resolve_model_dir
 
-        tokenizer = load_tokenizer(resolve_model_dir(model))
+        tokenizer = load_tokenizer(resolve_model_dir(resolve_alias(model)))
     return check_dataset(path, tokenizer, max_seq_length)

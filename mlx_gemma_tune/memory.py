@@ -162,9 +162,9 @@ def estimate_for_model(model_path, recipe) -> Estimate:
     The batch is the recipe's batch_size of full data.max_seq_length rows, every token a target
     (the worst case); the model's weights are not read (lazy load), only their shapes.
     """
-    from mlx_gemma_tune import lora, models
+    from mlx_gemma_tune import demo, lora, models
 
-    model, config = models.load_model(models.resolve_model_dir(model_path), lazy=True)
+    model, config = models.load_model(models.resolve_model_dir(demo.resolve_alias(model_path)), lazy=True)
     lo = recipe.lora
     lora.apply(model, config, lora.LoraSettings(rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout,
                                                 targets=lo.targets, num_layers=lo.num_layers,

@@ -130,9 +130,12 @@ def _inputs(recipe: recipes.Recipe, world, say):
     say("Reading the dataset")
     splits = dataset_files.read_splits(recipe.data.path)
     say("Preparing the base model")
+    from mlx_gemma_tune import demo
+
+    source = str(demo.resolve_alias(recipe.model.path, say))  # "demo": the bundled Gemma 3 270M
     if not world.main:
         distributed.barrier(world)  # rank 0 converts (or downloads) first; the others find it cached
-    base = convert.ensure_base(recipe.model.path, recipe.model.quantize, progress=say)
+    base = convert.ensure_base(source, recipe.model.quantize, progress=say)
     if world.main:
         distributed.barrier(world)
     rows = [r for split in splits.values() for r in split or []]

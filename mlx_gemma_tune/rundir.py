@@ -50,9 +50,9 @@ def resolve_target(model_or_run: str) -> tuple[str, Path | None]:
     A run opens on the base it recorded at train time (RUN/base.json; runs older than that file: the
     cache directory its recipe maps to). Nothing is converted or downloaded here: a base that is gone
     raises InputError naming it and the command that recreates it."""
-    from mlx_gemma_tune import lora
+    from mlx_gemma_tune import demo, lora
 
-    p = Path(model_or_run).expanduser()
+    p = Path(demo.resolve_alias(model_or_run)).expanduser()  # "demo": the bundled Gemma 3 270M
     if not (p / "recipe.yaml").is_file():
         return str(p), None
     if not (p / lora.ADAPTER_WEIGHTS).is_file():
@@ -68,7 +68,9 @@ def resolve_target(model_or_run: str) -> tuple[str, Path | None]:
         source, quantize = r.model.path, r.model.quantize
         base = convert.base_dir_for(source, quantize)
     if not (base / "config.json").is_file():
-        if base == Path(source).expanduser():
+        if source == "demo":
+            hint = "the bundled model rebuilds itself on first use: mlx-gemma-tune generate demo --prompt Hi"
+        elif base == Path(source).expanduser():
             hint = f"the run trained on the checkpoint at {source}: put it back there"
         else:
             hint = f"recreate it with: mlx-gemma-tune convert {source} -o {base}" + (

@@ -144,7 +144,7 @@ def trained_run(hf_model, tmp_path_factory):
 # worker its first two files at once: the real-model quickstart (~3-4 min, longer than the rest of
 # its worker's share) is paired with a file of a few seconds (test_docs.py), so that no long file
 # waits behind it.
-LONGEST_FIRST = ("test_quickstart.py", "test_packing.py", "test_docs.py", "test_distributed.py",
+LONGEST_FIRST = ("test_quickstart.py", "test_packing.py", "test_demo_recipe.py", "test_docs.py", "test_distributed.py",
                  "test_crash_safety.py", "test_offline.py", "test_eval_tasks.py")
 
 

@@ -305,7 +305,8 @@ def test_recipes_list_show_copy(tmp_path):
     res = run_cli(["recipes", "list"])
     assert res.exit_code == 0
     names = [line.split()[0] for line in res.stdout.splitlines()]
-    assert {"gemma4-e2b-lora", "gemma4-e2b-qlora", "gemma3n-e2b-lora", "gemma4-26b-a4b-qlora"} <= set(names)
+    assert {"gemma4-e2b-lora", "gemma4-e2b-qlora", "gemma3n-e2b-lora", "gemma4-26b-a4b-qlora", "gemma3-270m-lora"} <= \
+        set(names)
     assert {f"tasks/{t}" for t in ("extraction", "text-to-sql", "movie-reviews", "support", "dolly",
                                                  "tool-calling")} <= set(names)
     files = sorted(recipe.RECIPES_DIR.rglob("*.yaml"))
@@ -315,7 +316,7 @@ def test_recipes_list_show_copy(tmp_path):
     for name in names:  # every shipped recipe file (recursively) is valid; tasks name their dataset
         raw = recipe.read_yaml(recipe.find_recipe(name))
         r = recipe.build(raw, {} if name.startswith("tasks/") else {"data.path": "x.jsonl"}, name)
-        assert r.model.path.startswith("google/") and r.lora.alpha == 2 * r.lora.rank
+        assert (r.model.path.startswith("google/") or r.model.path == "demo") and r.lora.alpha == 2 * r.lora.rank
         if name.startswith("tasks/"):
             assert dataset_files.read_splits(r.data.path).keys() == {"train", "valid", "test"}
         text = recipe.find_recipe(name).read_text()
