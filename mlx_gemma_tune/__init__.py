@@ -4,7 +4,7 @@ The Python API (each name imported on first use, so importing the package stays 
 `mlx-gemma-tune --help` instant; mlx, mlx-lm and transformers load inside the functions):
 
     convert_model   a Hugging Face checkpoint -> an MLX model directory, optionally 4/8-bit (convert.convert)
-    load_recipe     a shipped recipe or YAML file with overrides, resolved and checked (recipe.load_recipe)
+    load_recipe     a shipped recipe or YAML file with overrides, resolved and checked (prepare.load_recipe)
     check_data      rows, formats, token lengths, refused rows of a dataset (data_check.check)
     train           train an adapter; returns the run's summary (prepare.train)
     ChatSession     chat with a model or run: streaming, adapter off / on / swap, base vs tuned (generate)
@@ -20,7 +20,7 @@ from mlx_gemma_tune.version import VERSION as __version__  # noqa: F401
 
 _API = {
     "convert_model": ("convert", "convert"),
-    "load_recipe": ("recipe", "load_recipe"),
+    "load_recipe": ("prepare", "load_recipe"),
     "check_data": ("data_check", "check"),
     "train": ("prepare", "train"),
     "ChatSession": ("generate", "ChatSession"),

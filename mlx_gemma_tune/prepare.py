@@ -48,6 +48,14 @@ def resolve_recipe(recipe_ref: str | None, *, model: str | None = None, data: st
     return recipes.build(raw, overrides, source, origins=origins, lines=lines), name
 
 
+def load_recipe(name_or_path: str | None = None, sets: tuple[str, ...] | list[str] = ()) -> recipes.Recipe:
+    """A shipped recipe (by name, e.g. "gemma4-e2b-qlora" or "tasks/extraction") or a YAML file, with
+    "key=value" overrides as `--set` gives them, resolved over the defaults and checked (types,
+    ranges, unknown keys with a did-you-mean). None: the defaults alone. Raises InputError naming the
+    file and line, or the --set, of each bad value."""
+    return resolve_recipe(name_or_path, sets=tuple(sets))[0]
+
+
 def prepare_run(recipe_ref: str | None = None, *, model: str | None = None, data: str | None = None,
                 out: str | None = None, sets: tuple[str, ...] = (), resume: str | None = None,
                 force: bool = False, progress: Callable[[str], None] | None = None,
@@ -59,10 +67,11 @@ def prepare_run(recipe_ref: str | None = None, *, model: str | None = None, data
     resumed run). Raises UserError (and its subclasses) for anything the user can fix."""
     say = progress or (lambda _m: None)
     if resume:
-        if recipe_ref or model or data or sets or out:
-            raise UserError("--resume continues a run exactly as recorded in its recipe.yaml; do not combine "
-                            "it with a recipe, --model, --data, --set or -o")
-        recipe, run_dir, resume_from = _resumed_run(Path(resume).expanduser(), world)
+        if recipe_ref or model or data or out:
+            raise UserError("--resume continues a run as recorded in its recipe.yaml; do not combine it with a "
+                            "recipe, --model, --data or -o", hint="to train longer: --set train.iters=N (or "
+                            "train.epochs); to start from its adapter: a new run with --set lora.init_from=RUN")
+        recipe, run_dir, resume_from = _resumed_run(Path(resume).expanduser(), world, list(sets), say)
     else:
         recipe, run_dir = _new_run(recipe_ref, model, data, out, sets, force, world)
         resume_from = None
@@ -73,6 +82,8 @@ def prepare_run(recipe_ref: str | None = None, *, model: str | None = None, data
     splits, base, (model_obj, tokenizer, config), images = _inputs(recipe, world, say)
     say("Tokenizing" + (" and reading the images / audio" if images else ""))
     train, valid, notes = _examples(tokenizer, splits, recipe, images)
+    if resume:
+        _check_steps_left(run_dir, resume_from, recipe, train, world, extended=bool(sets))
     settings = _adapter_layers(model_obj, config, recipe, images)
     if resume_from is not None:
         from mlx_gemma_tune import hf_checkpoint, lora
@@ -86,22 +97,65 @@ def prepare_run(recipe_ref: str | None = None, *, model: str | None = None, data
                     world=world)
 
 
-def _resumed_run(run_dir: Path, world) -> tuple[recipes.Recipe, Path, Path | None]:
-    """(recipe, run directory, last complete checkpoint or None) of the run `--resume` continues."""
+EXTENDABLE = ("train.iters", "train.epochs")  # what --set may change when --resume continues a run
+
+
+def _resumed_run(run_dir: Path, world, sets: list[str], say) -> tuple[recipes.Recipe, Path, Path | None]:
+    """(recipe, run directory, last complete checkpoint or None) of the run `--resume` continues;
+    `sets` may raise train.iters / train.epochs to train a run longer (its recipe.yaml is updated).
+    A finished run without such a --set is one clear line."""
+    import json
+
     from mlx_gemma_tune import rundir
 
+    extend = recipes.parse_set(sets)
+    for key in extend:
+        if key not in EXTENDABLE:
+            raise UserError(f"--resume: {key} cannot change in a run being continued (only {' or '.join(EXTENDABLE)}, "
+                            "to train longer)", hint="start a new run from its adapter: --set lora.init_from=RUN")
     raw, resume_from = None, None
     if world.main:
         if not (run_dir / "recipe.yaml").is_file():
             raise InputError("is not a run directory (no recipe.yaml)", where=str(run_dir))
         raw = recipes.read_yaml(run_dir / "recipe.yaml")
+        summary = run_dir / "summary.json"
+        done_run = json.loads(summary.read_text()) if summary.is_file() else None
+        if done_run and not done_run.get("interrupted") and not extend:
+            raise UserError(f"has finished: step {done_run['steps']} of {done_run['total_steps']}"
+                            + (" (stopped early)" if done_run.get("stopped_early") else ""), where=str(run_dir),
+                            hint=f"train it longer with --resume {run_dir} --set train.iters=N (N > "
+                                 f"{done_run['steps']}), or start a new run from its adapter with "
+                                 f"--set lora.init_from={run_dir}")
+        if extend:  # the recorded recipe, trained longer (written back once the steps are checked)
+            say(f"Continuing {run_dir} with {', '.join(sets)}: the learning-rate schedule is re-planned over the "
+                "new total")
         fsio.remove_leftovers(run_dir)  # what a killed run was writing: never complete, never used
         done = rundir.list_checkpoints(run_dir)
         resume_from = done[-1] if done else None  # killed before its first checkpoint: start again
     shared = distributed.broadcast_json(
         {"recipe": raw, "resume_from": str(resume_from) if resume_from else None} if world.main else None, world)
-    recipe = recipes.build(shared["recipe"], source=str(run_dir / "recipe.yaml"))
+    if "train.epochs" in extend and "train.iters" not in extend:
+        extend["train.iters"] = None  # epochs count only without iters
+    recipe = recipes.build(shared["recipe"], extend, source=str(run_dir / "recipe.yaml"),
+                           origins=recipes.set_origins(sets))
     return recipe, run_dir, Path(shared["resume_from"]) if shared["resume_from"] else None
+
+
+def _check_steps_left(run_dir: Path, resume_from: Path | None, recipe: recipes.Recipe, train: list, world,
+                      extended: bool) -> None:
+    """A continued run must have steps left to train; a longer recipe is written back to the run."""
+    import json
+
+    from mlx_gemma_tune import rundir, schedule
+
+    done = json.loads((resume_from / "state.json").read_text())["step"] if resume_from and world.main else 0
+    total = schedule.plan([len(e.tokens) for e in train], recipe)[3]
+    done = distributed.broadcast_json(done if world.main else None, world)
+    if done >= total:
+        raise UserError(f"has nothing left to train: {done} steps are done and the recipe asks for {total}",
+                        where=str(run_dir), hint=f"train it longer: --resume {run_dir} --set train.iters=N (N > {done})")
+    if extended and world.main:
+        rundir.write_recipe(run_dir, recipe)
 
 
 def _new_run(recipe_ref, model, data, out, sets, force: bool, world) -> tuple[recipes.Recipe, Path]:
@@ -169,7 +223,32 @@ def _adapter_layers(model_obj, config: dict, recipe: recipes.Recipe, images: boo
         settings.modules = families.lora_targets(model_obj, config, lo.targets, lo.num_layers, lo.experts) + [
             multimodal.PROJECTOR]
     lora.apply(model_obj, config, settings)
+    if lo.init_from:
+        _init_from(model_obj, Path(lo.init_from).expanduser())
     return settings
+
+
+def _init_from(model_obj, source: Path) -> None:
+    """The adapter of `source` (a run or adapter directory) as this run's starting point; it must fit
+    the run's adapter layers exactly (same base, rank, targets, method). Raises UserError."""
+    from mlx.utils import tree_flatten
+
+    from mlx_gemma_tune import hf_checkpoint, lora
+
+    weights_file = source / lora.ADAPTER_WEIGHTS
+    if not weights_file.is_file():
+        raise InputError(f"has no adapter ({lora.ADAPTER_WEIGHTS}) to start from", where=str(source),
+                         hint="lora.init_from takes a run directory or an adapter directory")
+    weights = hf_checkpoint.load_safetensors(weights_file)
+    own = dict(tree_flatten(model_obj.trainable_parameters()))
+    misfit = ([f"{k} is missing" for k in own if k not in weights] + [f"{k} is extra" for k in weights if k not in own]
+              + [f"{k} is {tuple(weights[k].shape)}, not {tuple(own[k].shape)}" for k in own
+                 if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)])
+    if misfit:
+        raise UserError(f"the adapter in {source} does not fit this run's adapter layers ({len(misfit)} differences, "
+                        f"e.g. {misfit[0]})", where="lora.init_from",
+                        hint="use the base model, lora.rank, lora.targets and lora.method of the run it came from")
+    model_obj.load_weights(list(weights.items()), strict=False)
 
 
 def _write_run_dir(run_dir: Path, recipe: recipes.Recipe, base: Path, force: bool) -> None:
@@ -179,9 +258,7 @@ def _write_run_dir(run_dir: Path, recipe: recipes.Recipe, base: Path, force: boo
     if run_dir.exists() and force:
         fsio.remove_dir(run_dir) if run_dir.is_dir() else run_dir.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
-    header = ("# The resolved recipe of this run: defaults < recipe < flags and --set.\n"
-              f"# Continue it with: mlx-gemma-tune train --resume {run_dir}\n")
-    fsio.atomic_write_text(run_dir / "recipe.yaml", recipes.to_yaml(recipe, header))
+    rundir.write_recipe(run_dir, recipe)
     rundir.record_base(run_dir, base, recipe.model.path, recipe.model.quantize)
 
 

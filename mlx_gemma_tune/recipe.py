@@ -60,6 +60,8 @@ class LoraConfig:
     num_layers: int | None = _f(None, "Adapt only the last N decoder layers; null = all layers.")
     experts: bool = _f(False, "Also adapt MoE expert layers (Gemma 4 26B-A4B; not with DoRA).")
     vision_projector: bool = _f(False, "Image runs (Gemma 4): also adapt the vision projector (LoRA, not DoRA).")
+    init_from: str | None = _f(None, "Start from the adapter of a run (or an adapter directory) instead of a fresh "
+                                     "one, e.g. more data after a first run; same base, rank, targets and method.")
 
 
 @dataclass
@@ -386,14 +388,3 @@ def reference_table() -> str:
         shown = shown.removesuffix("...").strip()
         rows.append(f"| `{key}` | `{shown}` | {help} |")
     return "\n".join(rows) + "\n"
-
-
-def load_recipe(name_or_path: str | None = None, sets: tuple[str, ...] | list[str] = ()) -> Recipe:
-    """A shipped recipe (by name, e.g. "gemma4-e2b-qlora" or "tasks/extraction") or a YAML file, with
-    "key=value" overrides as `--set` gives them, resolved over the defaults and checked (types,
-    ranges, unknown keys with a did-you-mean). None: the defaults alone. Raises InputError naming the
-    file and key."""
-    path = find_recipe(name_or_path) if name_or_path else None
-    raw = read_yaml(path) if path else {}
-    return build(raw, parse_set(list(sets)), str(path or "recipe"), origins=set_origins(list(sets)),
-                 lines=yaml_lines(path) if path else None)

@@ -24,6 +24,15 @@ METRICS = "metrics.jsonl"
 BASE = "base.json"
 
 
+def write_recipe(run: Path, recipe) -> None:
+    """RUN/recipe.yaml: the resolved recipe (recipe.Recipe), what `--resume` continues."""
+    from mlx_gemma_tune import recipe as recipes
+
+    header = ("# The resolved recipe of this run: defaults < recipe < flags and --set.\n"
+              f"# Continue it with: mlx-gemma-tune train --resume {run}\n")
+    fsio.atomic_write_text(Path(run) / "recipe.yaml", recipes.to_yaml(recipe, header))
+
+
 def record_base(run: Path, base: Path, source: str, quantize: int | None) -> None:
     """Write RUN/base.json: the base model directory the run trains on (model.path converted or
     quantized as the recipe asks), so that opening the run later never converts anything."""

@@ -8,6 +8,20 @@ never stopped.
 from __future__ import annotations
 
 
+def plan(lengths: list[int], recipe) -> tuple[list[list[int]] | None, int, int, int]:
+    """(packed bins or None, micro-batches per epoch, steps per epoch, total steps) of a run on rows of
+    these token lengths: train.iters, else train.epochs passes rounded up to whole steps."""
+    import math
+
+    from mlx_gemma_tune import packing
+
+    cfg = recipe.train
+    bins = packing.pack(lengths, recipe.data.max_seq_length) if recipe.data.pack else None
+    n_batches = len(epoch_batches(lengths, cfg.batch_size, cfg.seed, 0, bins))
+    steps_per_epoch = max(1, math.ceil(n_batches / cfg.grad_accumulation))
+    return bins, n_batches, steps_per_epoch, cfg.iters or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+
+
 def lr_schedule(lr: float, kind: str, warmup: int, total: int):
     """Linear warm-up (the first step already moves) then cosine / linear decay to 0, or constant."""
     import mlx.optimizers as optim

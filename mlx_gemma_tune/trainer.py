@@ -9,7 +9,6 @@ reports (train_state.py), and the loss is a parameter (train_state.LossFunction)
 
 from __future__ import annotations
 
-import math
 import signal
 import time
 from dataclasses import dataclass, field
@@ -66,18 +65,15 @@ class _Loop:
     def __init__(self, p, callback: TrainCallback, control: Control, loss: LossFunction | None):
         import mlx.optimizers as optim
 
-        from mlx_gemma_tune import memory, models, packing, rundir
-        from mlx_gemma_tune.schedule import epoch_batches, lr_schedule
+        from mlx_gemma_tune import memory, models, rundir
+        from mlx_gemma_tune.schedule import lr_schedule, plan
 
         self.p, self.world, self.cfg, self.cb, self.control = p, p.world, p.recipe.train, callback, control
         cfg = self.cfg
         self.model, self.run_dir = p.model, Path(p.run_dir)
         # plan: the batches of an epoch and the number of steps
         self.lengths = [len(e.tokens) for e in p.train]
-        self.bins = packing.pack(self.lengths, p.recipe.data.max_seq_length) if p.recipe.data.pack else None
-        self.n_batches = len(epoch_batches(self.lengths, cfg.batch_size, cfg.seed, 0, self.bins))
-        self.steps_per_epoch = max(1, math.ceil(self.n_batches / cfg.grad_accumulation))
-        self.total = cfg.iters or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
+        self.bins, self.n_batches, self.steps_per_epoch, self.total = plan(self.lengths, p.recipe)
         warmup = round(cfg.warmup_ratio * self.total)
         self.optimizer = optim.AdamW(learning_rate=lr_schedule(cfg.lr, cfg.schedule, warmup, self.total),
                                      weight_decay=cfg.weight_decay)

@@ -557,3 +557,41 @@ def test_plain_training_lines_have_an_eta_honest_rates_and_one_best(monkeypatch)
     assert lines[2].endswith("eta 4m 00s")  # 60 s for 2 steps, 8 to go
     assert lines[3] == "step 2 val_loss 1.2000 (new best)"
     assert lines[4] == "step 4 val_loss 1.3000 (best 1.2000 at step 2)"
+
+
+def test_a_finished_run_says_so_continues_longer_and_chains_into_a_new_run(hf_model, tmp_path):
+    """--resume on a finished run is one line; with a larger train.iters it trains on from its last step
+    (recipe.yaml updated); lora.init_from starts a new run from its adapter; a misfit adapter is one line."""
+    from mlx_gemma_tune import hf_checkpoint, prepare, trainer
+
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows())
+    run = tmp_path / "run"
+    base = ["train", "--model", hf_model("gemma3_text"), "--data", data, *FAST]
+    first = run_cli([*base, "-o", run, "--set", "train.iters=4", "--set", "train.report_every=1"])
+    assert first.exit_code == 0, first.output
+    finished = run_cli(["train", "--resume", run])
+    assert_one_line_error(finished, str(run), "has finished: step 4 of 4", "--set train.iters=N (N > 4)",
+                          "lora.init_from")
+    assert_one_line_error(run_cli(["train", "--resume", run, "--set", "lora.rank=8"]), "lora.rank cannot change")
+    longer = run_cli(["train", "--resume", run, "--set", "train.iters=6"])
+    assert longer.exit_code == 0, longer.output
+    assert [r["step"] for r in train_records(run)] == [1, 2, 3, 4, 5, 6]  # on from step 4, not again from 1
+    assert "iters: 6" in (run / "recipe.yaml").read_text() and json.loads((run / "summary.json").read_text())["steps"] == 6
+    shorter = run_cli(["train", "--resume", run, "--set", "train.iters=5"])
+    assert_one_line_error(shorter, "nothing left to train: 6 steps are done and the recipe asks for 5")
+    assert "iters: 6" in (run / "recipe.yaml").read_text()  # a refused continuation changes nothing
+
+    # a new run from the first one's adapter: its first loss is the adapter's, not a fresh one's
+    chained = prepare.prepare_run(model=str(hf_model("gemma3_text")), data=str(data), out=str(tmp_path / "next"),
+                                  sets=("train.lr=1e-3", "lora.rank=4", "lora.dropout=0.0", f"lora.init_from={run}",
+                                        "train.iters=1", "data.valid_fraction=0"))
+    from mlx.utils import tree_flatten
+
+    start = dict(tree_flatten(chained.model.trainable_parameters()))
+    adapter = hf_checkpoint.load_safetensors(run / "adapters.safetensors")
+    assert all(bool((start[k] == adapter[k]).all()) for k in adapter)
+    trainer.run(chained)
+    misfit = run_cli(["train", "--model", hf_model("gemma3_text"), "--data", data, "-o", tmp_path / "bad",
+                      "--set", "lora.rank=8", "--set", f"lora.init_from={run}"])
+    assert_one_line_error(misfit, "lora.init_from", "does not fit", "lora.rank")
+    assert not (tmp_path / "bad").exists()
