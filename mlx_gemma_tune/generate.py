@@ -165,8 +165,22 @@ class ChatSession:
 
     def stream(self, messages: list[dict]) -> Iterator[str]:
         """Stream the reply to `messages` (no history change)."""
-        import mlx.core as mx
+        if any("parts" in m for m in messages) and self.processor is None:
+            raise UserError("images and audio need a session with the towers", hint="pass --image or --audio")
+        if self.processor is not None:
+            return self._generate(lambda sampler: self._stream_with_images(messages, sampler))
+        return self.stream_tokens(self.prompt_tokens(messages))
+
+    def stream_tokens(self, tokens: list[int]) -> Iterator[str]:
+        """Stream what the model writes after the token ids `tokens` (a raw prompt, no chat template),
+        with the session's sampling; stats follow as for a reply."""
         from mlx_lm.generate import stream_generate
+
+        return self._generate(lambda sampler: stream_generate(self.model, self.tokenizer, tokens,
+                                                               max_tokens=self.sampling.max_tokens, sampler=sampler))
+
+    def _generate(self, start) -> Iterator[str]:
+        import mlx.core as mx
         from mlx_lm.sample_utils import make_sampler
 
         s = self.sampling
@@ -175,14 +189,7 @@ class ChatSession:
         sampler = make_sampler(temp=s.temp, top_p=s.top_p if s.top_p < 1 else 0.0, min_p=s.min_p,
                                top_k=max(s.top_k, 0))
         self.stats = Stats()
-        if any("parts" in m for m in messages) and self.processor is None:
-            raise UserError("images and audio need a session with the towers", hint="pass --image or --audio")
-        if self.processor is not None:
-            responses = self._stream_with_images(messages, sampler)
-        else:
-            responses = stream_generate(self.model, self.tokenizer, self.prompt_tokens(messages),
-                                        max_tokens=s.max_tokens, sampler=sampler)
-        for r in responses:
+        for r in start(sampler):
             self.stats = Stats(r.prompt_tokens, r.generation_tokens, r.generation_tps, r.peak_memory,
                                r.finish_reason)
             if r.text:  # the final response carries the detokenizer's last piece; the stop token is never text

@@ -29,6 +29,7 @@ def test_adapter_off_and_on_without_reloading(trained_run, monkeypatch):
     from mlx_gemma_tune.chat_commands import run_command
     from mlx_gemma_tune.generate import ChatSession, Sampling
 
+    run = trained_run("gemma3_text")  # trained (and its base loaded) before the loads are counted
     loads = {"n": 0}
     real_load = models.load
 
@@ -37,7 +38,7 @@ def test_adapter_off_and_on_without_reloading(trained_run, monkeypatch):
         return real_load(*a, **k)
 
     monkeypatch.setattr(models, "load", counting_load)
-    s = ChatSession.open(str(trained_run("gemma3_text")), sampling=Sampling(temp=0.7, seed=3, max_tokens=12))
+    s = ChatSession.open(str(run), sampling=Sampling(temp=0.7, seed=3, max_tokens=12))
     embed = s.model.model.embed_tokens.weight
     tuned = "".join(s.stream(s.messages_for("Frozen water?")))
     run_command(s, "/adapter off")
