@@ -17,7 +17,7 @@ from mlx_gemma_tune.recipe import default as recipe_default
 from mlx_gemma_tune.version import VERSION
 
 # Commands that compute with MLX: on Linux they run with OpenBLAS when it is installed (cpu_blas.py).
-COMPUTE_COMMANDS = {"train", "chat", "generate", "eval", "quickstart", "convert", "fuse", "export", "doctor"}
+COMPUTE_COMMANDS = {"train", "chat", "generate", "eval", "quickstart", "convert", "fuse", "export", "doctor", "serve"}
 
 
 class App(click.Group):

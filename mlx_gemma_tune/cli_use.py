@@ -244,4 +244,30 @@ def export(run_or_fused, fmt, out, dtype, outtype, ollama, verify, base, force, 
                         hint="the export is written but does not compute what the run does: please report this")
 
 
-COMMANDS = (chat, generate, fuse, export)
+@click.command()
+@click.argument("model_or_run")
+@click.argument("runs", nargs=-1)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (127.0.0.1: this Mac only).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option("--thinking/--no-thinking", default=False, show_default=True,
+              help="Gemma 4: thinking on in the chat template; the thought comes back as reasoning_content.")
+def serve(model_or_run, runs, host, port, thinking):
+    """Serve MODEL_OR_RUN and more RUNs on its base through an OpenAI-compatible API.
+
+    \b
+    /v1/models, /v1/chat/completions (stream), /v1/completions; `model` in a request picks the base
+    or a run (by directory name); the page at / streams two models side by side.
+    """
+    from mlx_gemma_tune import ui
+    from mlx_gemma_tune.serve import make_app, open_engine
+
+    with ui.status("Loading the model"):
+        engine = open_engine(model_or_run, list(runs), thinking=thinking)
+    ui.note(f"Serving {', '.join(engine.models)} on http://{host}:{port}/v1 (the side-by-side page: "
+                       f"http://{host}:{port}/); Ctrl-C stops")
+    import uvicorn
+
+    uvicorn.run(make_app(engine), host=host, port=port, log_level="warning")
+
+
+COMMANDS = (chat, generate, fuse, export, serve)

@@ -301,3 +301,6 @@ def show_quickstart(r, command: str = "mlx-gemma-tune", activate: str | None = N
               markup=False, soft_wrap=True)
 
 
+def note(message: str) -> None:
+    """One line on stderr, no markup (paths and URLs as they are)."""
+    err.print(message, soft_wrap=True, markup=False, highlight=False)
