@@ -117,3 +117,52 @@ def test_raw_completions_and_the_side_by_side_page(server):
     assert status == 200 and json.loads(body)["usage"]["completion_tokens"] == 3
     page = urllib.request.urlopen(url + "/").read().decode()
     assert "side by side" in page and "/v1/chat/completions" in page and "http" not in page.split("<script>")[1]
+
+
+def test_the_page_fills_both_columns_in_a_headless_browser(server):
+    """Debian's chromium, driven over its DevTools protocol, opens the page with ?prompt=: the base's
+    and the run's answers stream into their columns (skipped without chromium)."""
+    import shutil
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium is not installed (apt install chromium)")
+    sync_client = pytest.importorskip("websockets.sync.client")
+    url, run = server
+    port = _free_port()
+    chrome = subprocess.Popen([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--remote-debugging-port={port}",
+                               "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(120):
+            try:
+                pages = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=1).read())
+                if pages:
+                    break
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.25)
+        with sync_client.connect(pages[0]["webSocketDebuggerUrl"], max_size=None) as ws:
+            calls = iter(range(1, 10_000))
+
+            def call(method, **params):
+                ident = next(calls)
+                ws.send(json.dumps({"id": ident, "method": method, "params": params}))
+                while True:
+                    reply = json.loads(ws.recv(timeout=60))
+                    if reply.get("id") == ident:
+                        return reply.get("result", {})
+
+            def text(selector):
+                got = call("Runtime.evaluate", expression=f"document.querySelector({selector!r}).textContent")
+                return got["result"].get("value", "")
+
+            call("Page.navigate", url=f"{url}/?prompt=Frozen%20water%3F")
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not (text("#col-right .answer") == ANSWER
+                                                       and text("#col-left .answer")):
+                time.sleep(0.5)
+            assert (text("#col-left h2"), text("#col-right h2")) == ("gemma3_text", run.name)
+            assert text("#col-right .answer") == ANSWER  # the run, streamed into its column
+            assert text("#col-left .answer") not in ("", ANSWER)  # the base (a random model: it may be blank lines)
+    finally:
+        chrome.terminate()
+        chrome.wait(timeout=30)
