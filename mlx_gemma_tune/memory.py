@@ -147,6 +147,26 @@ def estimate_for_run(prepared, bins=None, grad_checkpoint: bool = False, ranks: 
                       loss_chunk=cfg.loss_chunk, grad_checkpoint=grad_checkpoint, targets=targets)
 
 
+def check_fits(prepared, bins=None, ranks: int = 1) -> None:
+    """Refuse a run whose estimated peak exceeds the machine's budget even with gradient checkpointing
+    (or without it, when train.grad_checkpoint is false): one line with the numbers and the switches
+    that lower it. train.memory_guard: false skips this. Raises UserError."""
+    from mlx_gemma_tune.errors import UserError
+
+    cfg = prepared.recipe.train
+    if not cfg.memory_guard:
+        return
+    est = estimate_for_run(prepared, bins, grad_checkpoint=cfg.grad_checkpoint is not False, ranks=ranks)
+    if not est.over_budget:
+        return
+    ckpt = "" if cfg.grad_checkpoint is False else " with gradient checkpointing"
+    raise UserError(f"the estimated peak memory of a training step{ckpt}, {est.total_gb:.1f} GiB, exceeds this "
+                    f"machine's budget of {est.budget_gb:.1f} GiB by {est.total_gb - est.budget_gb:.1f} GiB",
+                    where="memory", hint="lower it: QLoRA (--quantize 4), a smaller train.batch_size (with "
+                    "train.grad_accumulation to keep the effective batch) or data.max_seq_length, "
+                    "train.grad_checkpoint: true; or --set train.memory_guard=false to start anyway")
+
+
 def _for_model(model, config: dict, **settings) -> Estimate:
     """estimate() for a loaded model with its adapter applied (the adapter is float32)."""
     from mlx_gemma_tune import lora

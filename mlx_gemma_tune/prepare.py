@@ -83,8 +83,18 @@ def prepare_run(recipe_ref: str | None = None, *, model: str | None = None, data
     say("Tokenizing" + (" and reading the images / audio" if images else ""))
     train, valid, notes = _examples(tokenizer, splits, recipe, images)
     if resume:
-        _check_steps_left(run_dir, resume_from, recipe, train, world, extended=bool(sets))
+        _check_steps_left(run_dir, resume_from, recipe, train, world)
     settings = _adapter_layers(model_obj, config, recipe, images)
+    prepared = Prepared(recipe=recipe, run_dir=run_dir, model=model_obj, tokenizer=tokenizer, config=config,
+                        lora=settings, train=train, valid=valid, base=base, resume_from=resume_from, notes=notes,
+                        world=world)
+    from mlx_gemma_tune import memory, schedule
+
+    memory.check_fits(prepared, schedule.plan([len(e.tokens) for e in train], recipe)[0], ranks=world.size)
+    if resume and sets and world.main:  # a run trained longer: its recipe.yaml records the new total
+        from mlx_gemma_tune import rundir
+
+        rundir.write_recipe(run_dir, recipe)
     if resume_from is not None:
         from mlx_gemma_tune import hf_checkpoint, lora
 
@@ -92,9 +102,7 @@ def prepare_run(recipe_ref: str | None = None, *, model: str | None = None, data
         model_obj.load_weights(list(distributed.broadcast_arrays(weights, world).items()), strict=False)
     elif not resume and world.main:
         _write_run_dir(run_dir, recipe, base, force)
-    return Prepared(recipe=recipe, run_dir=run_dir, model=model_obj, tokenizer=tokenizer, config=config,
-                    lora=settings, train=train, valid=valid, base=base, resume_from=resume_from, notes=notes,
-                    world=world)
+    return prepared
 
 
 EXTENDABLE = ("train.iters", "train.epochs")  # what --set may change when --resume continues a run
@@ -141,12 +149,11 @@ def _resumed_run(run_dir: Path, world, sets: list[str], say) -> tuple[recipes.Re
     return recipe, run_dir, Path(shared["resume_from"]) if shared["resume_from"] else None
 
 
-def _check_steps_left(run_dir: Path, resume_from: Path | None, recipe: recipes.Recipe, train: list, world,
-                      extended: bool) -> None:
-    """A continued run must have steps left to train; a longer recipe is written back to the run."""
+def _check_steps_left(run_dir: Path, resume_from: Path | None, recipe: recipes.Recipe, train: list, world) -> None:
+    """A continued run must have steps left to train."""
     import json
 
-    from mlx_gemma_tune import rundir, schedule
+    from mlx_gemma_tune import schedule
 
     done = json.loads((resume_from / "state.json").read_text())["step"] if resume_from and world.main else 0
     total = schedule.plan([len(e.tokens) for e in train], recipe)[3]
@@ -154,8 +161,6 @@ def _check_steps_left(run_dir: Path, resume_from: Path | None, recipe: recipes.R
     if done >= total:
         raise UserError(f"has nothing left to train: {done} steps are done and the recipe asks for {total}",
                         where=str(run_dir), hint=f"train it longer: --resume {run_dir} --set train.iters=N (N > {done})")
-    if extended and world.main:
-        rundir.write_recipe(run_dir, recipe)
 
 
 def _new_run(recipe_ref, model, data, out, sets, force: bool, world) -> tuple[recipes.Recipe, Path]:

@@ -89,6 +89,8 @@ class TrainConfig:
                                                 "its activations (much less memory, 15-30% slower steps measured); null = only "
                                                 "when the memory estimate exceeds the machine's budget.")
     val_batches: int | None = _f(None, "Limit each validation to this many batches; null = all.")
+    memory_guard: bool = _f(True, "Refuse to start when the estimated peak memory (with gradient checkpointing "
+                                  "where it is allowed) exceeds this machine's budget; false starts anyway.")
 
 
 @dataclass

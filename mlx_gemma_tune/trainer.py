@@ -120,6 +120,7 @@ class _Loop:
             memory_budget_gb=self.estimate.budget_gb, device=_device()))
         started = time.monotonic()
         previous_handler = _install_sigint(self.control)
+        previous_limit = _cap_memory(self.estimate.budget_gb if self.cfg.memory_guard else None)
         self.model.train()
         try:
             while self.state.step < self.total:
@@ -142,6 +143,7 @@ class _Loop:
                               hint=f"free some space, then: mlx-gemma-tune train --resume {self.run_dir}") from None
         finally:
             _restore_sigint(previous_handler)
+            _cap_memory(None, previous_limit)
             self.model.eval()
         return self._finish(started)
 
@@ -281,6 +283,17 @@ class _Loop:
         distributed.barrier(self.world)  # no rank exits (which ends the launch) before rank 0 has written
         self.cb.on_end(summary)
         return summary
+
+
+def _cap_memory(budget_gb: float | None, restore: int | None = None) -> int | None:
+    """Cap MLX's memory at the machine's budget (GiB) for the run, so that an underestimate makes MLX
+    wait for memory rather than push the machine into swap; returns the previous limit. With
+    budget None, set `restore` back (when given)."""
+    import mlx.core as mx
+
+    if budget_gb is None:
+        return mx.set_memory_limit(restore) if restore is not None else None
+    return mx.set_memory_limit(int(budget_gb * 2**30))
 
 
 def _device() -> str:

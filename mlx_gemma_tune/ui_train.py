@@ -49,6 +49,7 @@ class TrainDashboard(TrainCallback):
         self.total = 0
         self.start_step = 0
         self.started = time.monotonic()
+        self.estimate_gb: float | None = None  # the run's memory estimate, in GB like the measured peak
 
     # -- context ------------------------------------------------------------------------------
     def __enter__(self):
@@ -66,6 +67,7 @@ class TrainDashboard(TrainCallback):
     # -- callbacks ----------------------------------------------------------------------------
     def on_start(self, start: RunStart) -> None:
         self.total, self.start_step, self.started = start.total_steps, start.start_step, time.monotonic()
+        self.estimate_gb = start.memory_estimate_gb * 2**30 / 1e9 if start.memory_estimate_gb else None
         resumed = f", resuming after step {self.start_step}" if self.start_step else ""
         self.console.print(f"Training {start.modules} adapted modules ({ui.human_count(start.trainable_parameters)} "
                            f"trainable parameters) on {start.train_rows} rows, {start.valid_rows} validation "
@@ -105,7 +107,7 @@ class TrainDashboard(TrainCallback):
             self.console.print(
                 f"step {r.step}/{r.total_steps} epoch {r.epoch} loss {r.loss:.4f} smoothed {r.smoothed_loss:.4f} "
                 f"lr {r.lr:.2e} tok/s {rate(r.tokens_per_sec)} it/s {rate(r.it_per_sec)} "
-                f"peak {r.peak_memory_gb:.2f} GB{self._eta(r.step)}", soft_wrap=True)
+                f"peak {r.peak_memory_gb:.2f} GB{self._of_estimate()}{self._eta(r.step)}", soft_wrap=True)
 
     def on_val_report(self, report: ValReport) -> None:
         self.val = report
@@ -114,6 +116,9 @@ class TrainDashboard(TrainCallback):
         else:
             best = "(new best)" if report.improved else f"(best {report.best_val_loss:.4f} at step {report.best_step})"
             self.console.print(f"step {report.step} val_loss {report.val_loss:.4f} {best}", soft_wrap=True)
+
+    def _of_estimate(self) -> str:
+        return f" (estimate {self.estimate_gb:.2f})" if self.estimate_gb else ""
 
     def _eta(self, step: int) -> str:
         """ ' eta 12m 30s' from this run's pace so far (nothing at the last step)."""
@@ -141,7 +146,7 @@ class TrainDashboard(TrainCallback):
         if last:
             t.add_row("lr", f"{last.lr:.2e}")
             t.add_row("speed", f"{rate(last.tokens_per_sec)} tok/s, {rate(last.it_per_sec)} it/s")
-            t.add_row("peak memory", f"{last.peak_memory_gb:.2f} GB")
+            t.add_row("peak memory", f"{last.peak_memory_gb:.2f} GB{self._of_estimate()}")
         return Group(self.progress, t)
 
 

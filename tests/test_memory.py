@@ -57,3 +57,21 @@ def test_doctor_prints_the_memory_breakdown_and_warns_over_budget(hf_model):
     assert "Activations" in res.stdout and "over budget" in res.stderr
     res = run_cli(["doctor", "--recipe", "gemma4-e2b-lora"])
     assert res.exit_code == 2 and "needs both MODEL and --recipe" in res.stderr
+
+
+def test_an_over_budget_run_is_refused_in_one_line_with_nothing_written(hf_model, tmp_path, monkeypatch):
+    """The guard: the estimate (with gradient checkpointing, allowed by default) over the machine's budget
+    stops the run before anything is written; train.memory_guard=false starts it anyway."""
+    from helpers import assert_one_line_error
+    from mlx_gemma_tune import memory
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q{i}?", "completion": "A."}) + "\n" for i in range(8)))
+    monkeypatch.setattr(memory, "budget_bytes", lambda: 2**20)  # a 1 MiB machine
+    args = ["train", "--model", hf_model("gemma3_text"), "--data", data, "--set", "train.iters=1"]
+    res = run_cli([*args, "-o", tmp_path / "run"])
+    line = assert_one_line_error(res, "memory: the estimated peak memory", "with gradient checkpointing",
+                                 "exceeds this machine's budget of 0.0 GiB", "--quantize 4", "train.memory_guard=false")
+    assert "GiB by" in line and not (tmp_path / "run").exists()
+    anyway = run_cli([*args, "-o", tmp_path / "anyway", "--set", "train.memory_guard=false"])
+    assert anyway.exit_code == 0, anyway.output
