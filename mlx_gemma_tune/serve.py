@@ -13,6 +13,7 @@ Built on Starlette and uvicorn.
 from __future__ import annotations
 
 import json
+import math
 import queue
 import threading
 import time
@@ -142,7 +143,8 @@ def _sampling(body: dict) -> Sampling:
         value = body.get(key)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or (kind is int and value != int(value))):
             raise RequestError(400, f"'{key}' must be a {'whole ' if kind is int else ''}number", key)
         if (low is not None and value < low) or (high is not None and value > high):
             raise RequestError(400, f"'{key}' is out of range", key)
@@ -160,7 +162,10 @@ def _messages(body: dict) -> list[dict]:
             raise RequestError(400, f"messages[{i}] needs a role: system, user, assistant or tool", "messages")
         content = m.get("content")
         if isinstance(content, list):  # content parts: the text ones
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+            texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+            if not all(isinstance(t, str) for t in texts):
+                raise RequestError(400, f"messages[{i}] has a text part whose text is not a string", "messages")
+            content = "".join(texts)
         if content is not None and not isinstance(content, str):
             raise RequestError(400, f"messages[{i}].content must be a string or a list of text parts", "messages")
         role = "system" if m["role"] == "developer" else m["role"]
@@ -172,6 +177,10 @@ def _messages(body: dict) -> list[dict]:
             raise RequestError(400, exc.message, "messages") from None
         message |= {k: m[k] for k in ("tool_call_id", "name") if isinstance(m.get(k), str)}
         out.append(message)
+    try:
+        tool_calling.check_order(out, "request")
+    except UserError as exc:
+        raise RequestError(400, exc.message, "messages") from None
     return out
 
 
@@ -195,6 +204,8 @@ def make_app(engine: Engine):
     from starlette.routing import Route
 
     async def read_json(request: Request) -> dict:
+        if not request.headers.get("content-type", "").startswith("application/json"):
+            raise RequestError(400, "the request body must be JSON (Content-Type: application/json)")
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -218,7 +229,9 @@ def make_app(engine: Engine):
                 raise value
 
     def stop_reason(stats, calls) -> str:
-        return "tool_calls" if calls else ("length" if getattr(stats, "finish_reason", None) == "length" else "stop")
+        if getattr(stats, "finish_reason", None) == "length":  # a call cut short is no call
+            return "length"
+        return "tool_calls" if calls else "stop"
 
     async def chat(request: Request):
         body = await read_json(request)
@@ -226,7 +239,7 @@ def make_app(engine: Engine):
         ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": ident, "created": created, "model": job.model}
         if not body.get("stream"):
-            got = [item async for item in items(job)]
+            got = [_unparsed_as_text(item) async for item in items(job)]
             thought = "".join(v for k, v in got if k == "thought")
             answer = "".join(v for k, v in got if k == "answer")
             calls = [v for k, v in got if k == "tool_call"]
@@ -243,7 +256,8 @@ def make_app(engine: Engine):
             yield _sse(chunk | {"choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]})
             calls = []
             try:
-                async for kind, piece in items(job):
+                async for item in items(job):
+                    kind, piece = _unparsed_as_text(item)
                     if kind == "tool_call":
                         calls.append(piece)
                         continue
@@ -254,7 +268,7 @@ def make_app(engine: Engine):
                 return
             finally:
                 job.cancelled.set()
-            final = {"tool_calls": _call_items(calls)} if calls else {}
+            final = {"tool_calls": [{"index": i} | c for i, c in enumerate(_call_items(calls))]} if calls else {}
             yield _sse(chunk | {"choices": [{"index": 0, "delta": final,
                                              "finish_reason": stop_reason(job.stats, calls)}]})
             yield "data: [DONE]\n\n"
@@ -310,6 +324,14 @@ def make_app(engine: Engine):
               Route("/v1/completions", completions, methods=["POST"])]
     return Starlette(routes=routes, exception_handlers={RequestError: refused, 404: not_found, 405: not_found,
                                                         Exception: failed})
+
+
+def _unparsed_as_text(item: tuple[str, object]) -> tuple[str, object]:
+    """A tool call the parser could not read (cut short, or not the format) is the model's text, not a call."""
+    kind, value = item
+    if kind == "tool_call" and value["arguments"] is None:
+        return "answer", tool_calling.CALL_OPEN + value.get("text", "")
+    return item
 
 
 def _call_items(calls: list[dict]) -> list[dict]:

@@ -166,3 +166,33 @@ def test_the_page_fills_both_columns_in_a_headless_browser(server):
     finally:
         chrome.terminate()
         chrome.wait(timeout=30)
+
+
+def test_malformed_fields_are_400_not_500(server):
+    url, _run = server
+    hi = [{"role": "user", "content": "Hi"}]
+    for body, words in [
+        ({"model": "gemma3_text", "messages": hi, "max_tokens": 1e309}, "'max_tokens' must be a whole number"),
+        ({"model": "gemma3_text", "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+         "text is not a string"),
+        ({"model": "gemma3_text", "messages": [*hi, {"role": "tool", "content": "18"}]},
+         "does not follow an assistant tool call"),
+    ]:
+        got, text = _post(url + "/v1/chat/completions", json.dumps(body).replace("1e+309", "1e309").encode())
+        assert got == 400 and words in json.loads(text)["error"]["message"], text
+    plain = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps({"model": "gemma3_text",
+                                   "messages": hi}).encode(), headers={"Content-Type": "text/plain"}, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(plain)
+    assert err.value.code == 400 and "Content-Type: application/json" in err.value.read().decode()
+
+
+def test_a_call_the_parser_cannot_read_is_text_not_a_call():
+    """A call cut short by max_tokens (or not in Gemma 4's format) must not reach a client as a call."""
+    from mlx_gemma_tune.serve import _unparsed_as_text
+    from mlx_gemma_tune.tools import calls_apart
+
+    [item] = list(calls_apart([("answer", "<|tool_call>call:get_weather{city:")]))
+    assert _unparsed_as_text(item) == ("answer", "<|tool_call>call:get_weather{city:")
+    [ok] = list(calls_apart([("answer", '<|tool_call>call:f{a:1}<tool_call|>')]))
+    assert _unparsed_as_text(ok) == ("tool_call", {"name": "f", "arguments": {"a": 1}})
