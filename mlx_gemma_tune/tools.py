@@ -40,6 +40,15 @@ def _as_json(value, what: str, where: str):
         raise InputError(f"{what} is a string that is not valid JSON ({exc.msg})", where=where) from None
 
 
+def _function(item, what: str, where: str, hint: str) -> dict:
+    """The function object of a tool or a call in the OpenAI shape (`{"function": {...}}`, or bare),
+    with a name. Raises InputError naming `what`."""
+    fn = item.get("function", item) if isinstance(item, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+        raise InputError(f"{what} needs a function name", where=where, hint=hint)
+    return fn
+
+
 def check_tools(tools, where: str) -> list[dict]:
     """A row's / file's `tools` list in the OpenAI shape, each `{"type": "function", "function":
     {"name", "description"?, "parameters"?}}` (a bare `{"name", ...}` is wrapped). Raises
@@ -51,10 +60,7 @@ def check_tools(tools, where: str) -> list[dict]:
                               '"parameters": {JSON schema}}}')
     out = []
     for j, tool in enumerate(tools):
-        fn = tool.get("function", tool) if isinstance(tool, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise InputError(f"tool {j} needs a function name", where=where,
-                             hint='{"type": "function", "function": {"name": "get_weather", ...}}')
+        fn = _function(tool, f"tool {j}", where, '{"type": "function", "function": {"name": "get_weather", ...}}')
         params = fn.get("parameters")
         if params is not None and not isinstance(params, dict):
             raise InputError(f"tool {j} ({fn['name']}) parameters must be a JSON schema object", where=where)
@@ -72,10 +78,8 @@ def check_tool_calls(calls, i: int, where: str) -> list[dict]:
         raise InputError(f"message {i} tool_calls must be a non-empty list", where=where)
     out = []
     for j, call in enumerate(calls):
-        fn = call.get("function", call) if isinstance(call, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise InputError(f"message {i} tool call {j} needs a function name", where=where,
-                             hint='{"type": "function", "function": {"name": ..., "arguments": {...}}}')
+        fn = _function(call, f"message {i} tool call {j}", where,
+                       '{"type": "function", "function": {"name": ..., "arguments": {...}}}')
         args = _as_json(fn.get("arguments") or {}, f"message {i} tool call {j} arguments", where)
         if not isinstance(args, dict):
             raise InputError(f"message {i} tool call {j} ({fn['name']}) arguments must be a JSON object", where=where)
