@@ -240,9 +240,10 @@ def train(recipe, model, data, out, sets, quantize, mask_prompt, resume, force, 
       mlx-gemma-tune train --resume runs/gemma4-e2b-lora-20261123-101500
       mlx.launch --hostfile hosts.json -- mlx-gemma-tune train gemma4-e2b-lora --data my.jsonl --distributed
     """
-    from mlx_gemma_tune import distributed, ui, ui_train
+    from mlx_gemma_tune import distributed, ui
     from mlx_gemma_tune.prepare import prepare_run
     from mlx_gemma_tune.trainer import run
+    from mlx_gemma_tune.ui import train as ui_train
 
     sets = list(sets)
     if quantize:
@@ -295,8 +296,9 @@ def train(recipe, model, data, out, sets, quantize, mask_prompt, resume, force, 
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def quickstart(model, steps, eval_rows, show, out, force, as_json):
     """Watch a real Gemma learn a task offline: before/after answers, accuracy, fused and exported outputs."""
-    from mlx_gemma_tune import ui, ui_train
+    from mlx_gemma_tune import ui
     from mlx_gemma_tune.quickstart import run_quickstart
+    from mlx_gemma_tune.ui import train as ui_train
 
     # Stage lines rather than a spinner: the training dashboard needs the screen to itself.
     with ui_train.TrainDashboard(console=ui.err if as_json else None) as dashboard:

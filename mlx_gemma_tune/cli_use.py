@@ -54,16 +54,16 @@ def _open_session(model_or_run, adapter, system, thinking, tools_file, temp, top
 
 def _readable(session, text: str) -> str:
     """A whole reply as /compare shows it: the answer without its thought, each tool call on a line."""
-    from mlx_gemma_tune import ui_chat
     from mlx_gemma_tune.thinking import split
     from mlx_gemma_tune.tools import split_calls
+    from mlx_gemma_tune.ui import chat as ui_chat
 
     answer = split(text)[1].strip()
     return ui_chat.with_calls(*split_calls(answer)) if session.tools else answer
 
 
 def _reply_parts(pieces):
-    """A streamed reply as ui_chat.stream_reply shows it: thought, answer and tool calls apart."""
+    """A streamed reply as ui.chat.stream_reply shows it: thought, answer and tool calls apart."""
     from mlx_gemma_tune.thinking import thought_and_answer
     from mlx_gemma_tune.tools import calls_apart
 
@@ -81,8 +81,9 @@ def chat(model_or_run, adapter, system, thinking, tools_file, temp, top_k, top_p
     /topp, /max, /reset, /save FILE, /quit. With --image / --audio, they go with your first message.
     With --tools, when the model calls a tool you type its result and the model goes on.
     """
-    from mlx_gemma_tune import ui, ui_chat
+    from mlx_gemma_tune import ui
     from mlx_gemma_tune.chat_commands import run_command
+    from mlx_gemma_tune.ui import chat as ui_chat
 
     with ui.status("Loading the model" + (" and its towers" if images or audio else "")):
         session = _open_session(model_or_run, adapter, system, thinking, tools_file, temp, top_k, top_p, min_p,
@@ -139,8 +140,9 @@ def generate(model_or_run, prompt, prompts_file, compare, as_json, adapter, syst
 
     With --tools, a tool call the model makes is shown (and in --json, its own field); it is not run.
     """
-    from mlx_gemma_tune import ui, ui_chat
+    from mlx_gemma_tune import ui
     from mlx_gemma_tune.generate import generate_answers, read_prompts
+    from mlx_gemma_tune.ui import chat as ui_chat
 
     if (prompt is None) == (prompts_file is None):
         raise click.UsageError("give exactly one of --prompt TEXT or --prompts FILE")

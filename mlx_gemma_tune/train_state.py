@@ -2,7 +2,7 @@
 
 TrainState is a checkpoint's state.json; TrainReport and ValReport are the lines of metrics.jsonl
 (`record()` gives the line, unchanged since the first runs); RunStart and TrainSummary open and
-close a run. A callback subclasses TrainCallback and overrides what it needs (ui_train.TrainDashboard
+close a run. A callback subclasses TrainCallback and overrides what it needs (ui.train.TrainDashboard
 is the CLI's). A Control lets a callback, or Ctrl-C, stop the run after the current step.
 """
 

@@ -369,7 +369,8 @@ def test_on_a_terminal_chat_folds_the_thought_once_the_reply_is_complete(monkeyp
 
     from rich.console import Console
 
-    from mlx_gemma_tune import ui, ui_chat
+    from mlx_gemma_tune import ui
+    from mlx_gemma_tune.ui import chat as ui_chat
 
     screen = io.StringIO()
     monkeypatch.setattr(ui, "out", Console(file=screen, force_terminal=True, width=100))

@@ -537,8 +537,8 @@ def test_plain_training_lines_have_an_eta_honest_rates_and_one_best(monkeypatch)
 
     from rich.console import Console
 
-    from mlx_gemma_tune import ui_train
     from mlx_gemma_tune.train_state import RunStart, TrainReport, ValReport
+    from mlx_gemma_tune.ui import train as ui_train
 
     log = io.StringIO()
     board = ui_train.TrainDashboard(console=Console(file=log, force_terminal=False, width=200))

@@ -1,5 +1,5 @@
 """What `train` shows: the live dashboard (step, losses, learning rate, tokens/s, memory, a loss
-sparkline) and the run's summary. With ui.py and ui_chat.py, the only modules that import rich."""
+sparkline) and the run's summary. Part of the ui package, the only place that imports rich."""
 
 from __future__ import annotations
 

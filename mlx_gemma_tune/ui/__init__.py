@@ -1,6 +1,6 @@
 """Everything the user sees: consoles, spinners, progress bars, JSON and the reports of convert,
-doctor, data check, eval, fuse, export and quickstart. ui_chat.py (chat / generate) and ui_train.py
-(the training dashboard) are its two siblings; these three are the only modules that import rich.
+doctor, data check, eval, fuse, export and quickstart. ui.chat (chat / generate) and ui.train (the
+training dashboard) are its two submodules; this package is the only place that imports rich.
 
 Library functions return values and report progress through callbacks; the
 functions here turn those into spinners, tables and JSON.

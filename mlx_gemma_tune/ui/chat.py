@@ -1,6 +1,6 @@
 """What `chat` and `generate` show: a streamed reply with its thought and tool calls apart, the
-footer, notes and errors of the chat loop, base and tuned answers side by side. With ui.py and
-ui_train.py, the only modules that import rich."""
+footer, notes and errors of the chat loop, base and tuned answers side by side. Part of the ui
+package, the only place that imports rich."""
 
 from __future__ import annotations
 
