@@ -10,7 +10,8 @@ The Python API (each name imported on first use, so importing the package stays 
     ChatSession     chat with a model or run: streaming, adapter off / on / swap, base vs tuned (generate)
     evaluate_model  loss and task metrics of a model or run on a dataset (evaluate.evaluate)
     fuse            merge a run's adapter into its base as an MLX model (merge.fuse)
-    export_hf, export_peft, export_gguf   a transformers checkpoint, a PEFT adapter, a GGUF file
+    export_hf, export_peft, export_gguf, export_gguf_lora
+                    a transformers checkpoint, a PEFT adapter, a GGUF file, a llama.cpp LoRA adapter GGUF
 
 `convert_model` and `evaluate_model` are named apart from the modules convert and evaluate, which
 `from mlx_gemma_tune import convert` would otherwise mean.
@@ -29,9 +30,10 @@ _API = {
     "export_hf": ("export", "export_hf"),
     "export_peft": ("peft_export", "export_peft"),
     "export_gguf": ("gguf_export", "export_gguf"),
+    "export_gguf_lora": ("gguf_lora", "export_gguf_lora"),
 }
-__all__ = ["ChatSession", "check_data", "convert_model", "evaluate_model", "export_gguf", "export_hf", "export_peft",
-           "fuse", "load_recipe", "train"]
+__all__ = ["ChatSession", "check_data", "convert_model", "evaluate_model", "export_gguf", "export_gguf_lora",
+           "export_hf", "export_peft", "fuse", "load_recipe", "train"]
 
 
 def __getattr__(name):

@@ -197,32 +197,47 @@ def fuse(run_dir, out, mode, group_size, base, force, as_json):
         ui.show_fuse(result)
 
 
+GGUF_OUTTYPES = ("f16", "bf16", "q8_0", "q4_0", "q5_0", "q4_k_m", "q5_k_m", "q6_k")  # gguf_export.OUTTYPES
+
+
 @click.command()
 @click.argument("run_or_fused", type=click.Path(file_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["hf", "peft", "gguf"]), required=True,
+@click.option("--format", "fmt", type=click.Choice(["hf", "peft", "gguf", "gguf-lora"]), required=True,
               help="hf: a transformers checkpoint of the original class; peft: a PEFT LoRA/DoRA adapter; "
-                   "gguf: one file for llama.cpp / Ollama (Gemma 3, 3n, 4; text model).")
+                   "gguf: one file for llama.cpp / Ollama / LM Studio (Gemma 3, 3n, 4; text model); "
+                   "gguf-lora: the run's adapter as a llama.cpp LoRA adapter (--lora, Ollama's ADAPTER).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(),
-              help="A directory (hf, peft) or a .gguf file (gguf).")
+              help="A directory (hf, peft) or a .gguf file (gguf, gguf-lora).")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None,
               help="hf: dtype of the exported weights (default: the source checkpoint's).")
-@click.option("--outtype", type=click.Choice(["f16", "bf16", "q8_0"]), default=None,
-              help="gguf: type of the weight matrices (norms stay float32)  [default: f16]")
-@click.option("--ollama", is_flag=True, help="gguf: also write an Ollama Modelfile next to the file.")
-@click.option("--verify", is_flag=True, help="hf: load the export with transformers and compare logits with MLX.")
+@click.option("--outtype", type=click.Choice(GGUF_OUTTYPES), default=None,
+              help="gguf (and the base GGUF of gguf-lora --ollama): type of the weight matrices; q4_0, q5_0 and "
+                   "the K-quants are made by llama.cpp's quantizer (the [llama-cpp] extra)  [default: f16]")
+@click.option("--ollama", is_flag=True, help="gguf: also write an Ollama Modelfile next to the file; gguf-lora: "
+                                             "also the base model's GGUF and a Modelfile with FROM + ADAPTER.")
+@click.option("--verify", is_flag=True, help="hf: load the export with transformers and compare logits with MLX; "
+                                             "gguf: perplexity by llama.cpp of the file and the f16 file, and MLX's.")
+@click.option("--calibration", type=click.Path(dir_okay=False), default=None,
+              help="gguf --verify: a dataset file to score instead of the built-in English sample.")
 @click.option("--base", default=None, type=click.Path(file_okay=False),
               help="The original Hugging Face checkpoint, if it moved since convert.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def export(run_or_fused, fmt, out, dtype, outtype, ollama, verify, base, force, as_json):
-    """Export a run (or a fused model): a Hugging Face checkpoint, a PEFT adapter or a GGUF file."""
+def export(run_or_fused, fmt, out, dtype, outtype, ollama, verify, calibration, base, force, as_json):
+    """Export a run (or a fused model): a Hugging Face checkpoint, a PEFT adapter, a GGUF file or GGUF adapter."""
     from mlx_gemma_tune import export as ex
     from mlx_gemma_tune import ui
 
-    if (outtype or ollama) and fmt != "gguf":
-        raise click.UsageError("--outtype and --ollama apply to --format gguf")
-    if (dtype or verify) and fmt != "hf":
-        raise click.UsageError("--dtype and --verify apply to --format hf")
+    if (outtype or ollama) and fmt not in ("gguf", "gguf-lora"):
+        raise click.UsageError("--outtype and --ollama apply to --format gguf and gguf-lora")
+    if outtype and fmt == "gguf-lora" and not ollama:
+        raise click.UsageError("--outtype with --format gguf-lora is the type of the base GGUF that --ollama writes")
+    if dtype and fmt != "hf":
+        raise click.UsageError("--dtype applies to --format hf")
+    if verify and fmt not in ("hf", "gguf"):
+        raise click.UsageError("--verify applies to --format hf and gguf")
+    if calibration and not (verify and fmt == "gguf"):
+        raise click.UsageError("--calibration applies to --format gguf --verify")
     with ui.status("Exporting") as progress:
         if fmt == "hf":
             result = ex.export_hf(run_or_fused, out, dtype=dtype, base=base, verify=verify, force=force,
@@ -231,7 +246,12 @@ def export(run_or_fused, fmt, out, dtype, outtype, ollama, verify, base, force, 
             from mlx_gemma_tune.gguf_export import export_gguf
 
             result = export_gguf(run_or_fused, out, outtype=outtype or "f16", base=base, ollama=ollama,
-                                 force=force, progress=progress)
+                                 verify=verify, calibration=calibration, force=force, progress=progress)
+        elif fmt == "gguf-lora":
+            from mlx_gemma_tune.gguf_lora import export_gguf_lora
+
+            result = export_gguf_lora(run_or_fused, out, base=base, ollama=ollama, outtype=outtype or "f16",
+                                      force=force, progress=progress)
         else:
             from mlx_gemma_tune.peft_export import export_peft
 

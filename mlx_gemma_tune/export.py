@@ -111,6 +111,12 @@ class ExportResult:
     verify_base_max_diff: float | None = None  # --verify: the same check on the source checkpoint (no adapter)
     size_bytes: int = 0
     seconds: float = 0.0
+    verify_perplexity: dict | None = None  # gguf --verify: {"mlx": .., "f16": .., OUTTYPE: ..} (llama.cpp's but mlx)
+    verify_top1: dict | None = None  # gguf --verify: fraction of positions with the same greedy next token
+    verify_text: str | None = None  # gguf --verify: what the calibration text was
+    reference_size_bytes: int | None = None  # gguf --verify: size of the f16 file, for the ratio
+    tensor_types: dict | None = None  # gguf: {GGML type: tensors}, what llama.cpp's quantizer chose
+    base_gguf: str | None = None  # gguf-lora --ollama: the base model's GGUF the Modelfile names
 
     def to_dict(self) -> dict:
         return asdict(self)

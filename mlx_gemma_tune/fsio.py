@@ -54,6 +54,13 @@ def plain_mode(path: Path, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~umask())
 
 
+def temp_path(folder: Path, suffix: str) -> Path:
+    """A new empty hidden file in `folder` (for an intermediate the caller deletes), never an existing one."""
+    fd, tmp = tempfile.mkstemp(prefix=".mlx-gemma-tune.", suffix=suffix, dir=folder)
+    os.close(fd)
+    return Path(tmp)
+
+
 def atomic_write_with(path: Path, write) -> None:
     """write(temp_path) creates the file's content; it then replaces `path` whole, durably. A new
     file gets the mode a plain open() would give it under the user's umask; a file it replaces

@@ -12,7 +12,8 @@ TensorNameMap for the architecture, in the layout llama.cpp's convert_hf_to_gguf
   become ffn_gate_inp.scale / ffn_down_exps.scale.
 - 1-D tensors, norms, scales and the small router / AltUp coefficient matrices stay float32; other
   weights are f16, bf16 or q8_0 (a row length that is not a multiple of the q8_0 block falls back
-  to f16, as llama.cpp does).
+  to f16, as llama.cpp does). q4_0 / q5_0 / q4_k_m / q5_k_m / q6_k: the f16 file, quantized by
+  llama.cpp's own quantizer (gguf_llama_cpp.py).
 
 Only the language model is written; llama.cpp keeps image and audio towers in a separate mmproj
 file, which this export does not write. The tokenizer and Modelfile are in gguf_vocab.py.
@@ -24,12 +25,15 @@ import re
 import time
 from pathlib import Path
 
-from mlx_gemma_tune import fsio, gguf_vocab, hf_checkpoint
+from mlx_gemma_tune import calibration as calibration_mod
+from mlx_gemma_tune import fsio, gguf_llama_cpp, gguf_vocab, hf_checkpoint
 from mlx_gemma_tune.errors import OutputError, Progress, UserError
 from mlx_gemma_tune.export import ExportResult, to_hf_tensors
+from mlx_gemma_tune.gguf_llama_cpp import LLAMA_FTYPES
 from mlx_gemma_tune.merge import load_merged
 
-OUTTYPES = ("f16", "bf16", "q8_0")
+WRITTEN = ("f16", "bf16", "q8_0")  # written here with the gguf package
+OUTTYPES = WRITTEN + tuple(LLAMA_FTYPES)  # the rest: an f16 file quantized by llama.cpp's own quantizer
 # source model_type -> GGUF architecture
 SUPPORTED = {"gemma3_text": "gemma3", "gemma3n": "gemma3n", "gemma3n_text": "gemma3n", "gemma4": "gemma4",
              "gemma4_text": "gemma4"}
@@ -38,32 +42,51 @@ ALWAYS_F32 = ("ffn_gate_inp.weight", "altup_correct_coef.weight", "altup_predict
 
 
 def export_gguf(run_or_fused: str, out: str, *, outtype: str = "f16", base: str | None = None,
-                ollama: bool = False, force: bool = False, progress: Progress | None = None) -> ExportResult:
-    """One .gguf file (and, with ollama, a Modelfile beside it) of a run or fused model."""
+                ollama: bool = False, verify: bool = False, calibration: str | None = None, force: bool = False,
+                progress: Progress | None = None) -> ExportResult:
+    """One .gguf file (and, with ollama, a Modelfile beside it) of a run or fused model.
+
+    outtype: f16 / bf16 / q8_0 are written directly; q4_0 / q5_0 / q4_k_m / q5_k_m / q6_k are an f16
+    file quantized by llama.cpp (gguf_llama_cpp.quantize). verify: llama.cpp scores the file (and the
+    f16 file it came from) on calibration text (calibration.chunks: the built-in sample, or the
+    dataset file `calibration`) beside MLX's merged model: perplexities and top-1 agreement land in
+    the result. Raises UserError (unsupported model, llama-cpp-python missing for a llama.cpp
+    outtype or verify), OutputError (the output exists, is a directory, is inside the input)."""
     import gguf
 
     started = time.monotonic()
     say = progress or (lambda _m: None)
     if outtype not in OUTTYPES:
         raise UserError(f"--outtype must be one of {', '.join(OUTTYPES)}, not {outtype}")
+    if outtype in LLAMA_FTYPES:
+        gguf_llama_cpp.require(f"--outtype {outtype}")
+    if verify:
+        gguf_llama_cpp.require("export --format gguf --verify")
     out_p = Path(out).expanduser().absolute()
-    _check_output(out_p, force, Path(run_or_fused), ollama)
-    arch_name = _architecture(run_or_fused, base)  # before the (slow) load and merge
+    check_output(out_p, force, Path(run_or_fused), ollama)
+    arch_name = architecture(run_or_fused, base)  # before the (slow) load and merge
     merged = load_merged(run_or_fused, base, progress)
     source_config = hf_checkpoint.read_config(merged.source)
     text = source_config.get("text_config") or source_config
+    if verify:  # MLX's side first, so the merged model can go before llama.cpp loads the file
+        say("Scoring the merged MLX model on the calibration text")
+        token_chunks, calibration_text = calibration_mod.chunks(merged.tokenizer, calibration)
+        mlx_side = calibration_mod.mlx_scores(merged.model, token_chunks)
 
     from mlx.utils import tree_flatten
 
     say("Mapping weights to llama.cpp names")
     hf = to_hf_tensors(merged.model_type, dict(tree_flatten(merged.model.parameters())))
-    tensors = gguf_tensors(arch_name, text, hf, outtype)
-    say(f"Writing {out_p.name} ({outtype})")
+    n_tensors = 0
 
-    def write(tmp: Path) -> None:
-        w = gguf.GGUFWriter(str(tmp), arch_name)
+    def write_gguf(path: Path, written: str) -> None:
+        nonlocal n_tensors
+        tensors = gguf_tensors(arch_name, text, hf, written)
+        n_tensors = len(tensors)
+        w = gguf.GGUFWriter(str(path), arch_name)
+        w.add_type(gguf.GGUFType.MODEL)
         w.add_name(merged.source.name)
-        metadata(w, arch_name, text, outtype)
+        metadata(w, arch_name, text, written)
         if arch_name == "gemma4":
             gguf_vocab.write_gemma4(w, merged.source, int(text["vocab_size"]))
         else:
@@ -76,14 +99,53 @@ def export_gguf(run_or_fused: str, out: str, *, outtype: str = "f16", base: str 
         w.close()
 
     out_p.parent.mkdir(parents=True, exist_ok=True)
-    fsio.atomic_write_with(out_p, write)
+    reference = None  # the f16 file a llama.cpp quantization starts from / --verify compares with
+    try:
+        if outtype != "f16" and (outtype in LLAMA_FTYPES or verify):
+            reference = fsio.temp_path(out_p.parent, ".f16.gguf")
+            say("Writing the f16 file llama.cpp quantizes" if outtype in LLAMA_FTYPES else "Writing an f16 reference")
+            write_gguf(reference, "f16")
+        if outtype in LLAMA_FTYPES:
+            say(f"Quantizing to {outtype} with llama.cpp")
+            fsio.atomic_write_with(out_p, lambda tmp: gguf_llama_cpp.quantize(reference, tmp, outtype))
+        else:
+            say(f"Writing {out_p.name} ({outtype})")
+            fsio.atomic_write_with(out_p, lambda tmp: write_gguf(tmp, outtype))
+        hf.clear()  # the merged weights are written: free them before llama.cpp loads the file
+        result = ExportResult(str(out_p), "gguf", str(merged.source), n_tensors, {}, outtype,
+                              size_bytes=out_p.stat().st_size, tensor_types=tensor_types(out_p))
+        if verify:
+            del merged.model
+            say("Scoring the file with llama.cpp")
+            f16 = gguf_llama_cpp.score(reference or out_p, token_chunks)
+            final = gguf_llama_cpp.score(out_p, token_chunks) if reference else f16
+            result.verify_perplexity = {"mlx": mlx_side.perplexity, "f16": f16.perplexity,
+                                        outtype: final.perplexity}
+            result.verify_top1 = {"f16 vs mlx": f16.agreement(mlx_side)}
+            if reference:
+                result.verify_top1[f"{outtype} vs f16"] = final.agreement(f16)
+            result.verify_tokens, result.verify_text = final.tokens, calibration_text
+            result.reference_size_bytes = reference.stat().st_size if reference else result.size_bytes
+    finally:
+        if reference is not None:
+            reference.unlink(missing_ok=True)
     if ollama:
         fsio.atomic_write_text(out_p.parent / "Modelfile", gguf_vocab.modelfile(out_p.name, arch_name))
-    return ExportResult(str(out_p), "gguf", str(merged.source), len(tensors), {}, outtype,
-                        size_bytes=out_p.stat().st_size, seconds=round(time.monotonic() - started, 2))
+    result.seconds = round(time.monotonic() - started, 2)
+    return result
 
 
-def _architecture(run_or_fused: str, base: str | None) -> str:
+def tensor_types(path: Path) -> dict[str, int]:
+    """{GGML type name: how many tensors} of a GGUF file, e.g. {"Q4_K": 20, "Q6_K": 9, "F32": 21}."""
+    import gguf
+
+    counts: dict[str, int] = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def architecture(run_or_fused: str, base: str | None) -> str:
     """The GGUF architecture for the model behind a run or model directory, or a clear refusal."""
     from mlx_gemma_tune import models, rundir
 
@@ -97,7 +159,9 @@ def _architecture(run_or_fused: str, base: str | None) -> str:
                     hint="supported: Gemma 3 text, Gemma 3n and Gemma 4 models")
 
 
-def _check_output(out: Path, force: bool, source: Path, ollama: bool) -> None:
+def check_output(out: Path, force: bool, source: Path, ollama: bool) -> None:
+    """OutputError unless `out` is a new (or, with force, replaceable) .gguf file outside `source`, with
+    room for a Modelfile beside it when ollama."""
     if out.suffix != ".gguf":
         raise OutputError("must be a file name ending in .gguf", where=str(out))
     if out.is_dir():
@@ -113,16 +177,14 @@ def _check_output(out: Path, force: bool, source: Path, ollama: bool) -> None:
 
 def llama_cpp_layout(arch_name: str, text: dict, hf: dict) -> dict:
     """{gguf name: float32 numpy array}: the HF text-model tensors renamed and reshaped as llama.cpp reads them."""
-    import gguf
     import mlx.core as mx
     import numpy as np
 
-    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
-    names = gguf.get_tensor_name_map(arch, int(text["num_hidden_layers"]))
+    names = _name_map(arch_name, text)
     vocab_size = int(text["vocab_size"])
     out, stacks = {}, {}
     for key in sorted(hf):
-        k = "model." + key[len("model.language_model."):] if key.startswith("model.language_model.") else key
+        k = _text_key(key)
         data = np.array(hf[key].astype(mx.float32))
         block = re.search(r"\.layers\.(\d+)\.", k)
         if arch_name == "gemma3" and k.endswith("norm.weight"):
@@ -155,6 +217,24 @@ def llama_cpp_layout(arch_name: str, text: dict, hf: dict) -> dict:
     if arch_name == "gemma4":
         out["rope_freqs.weight"] = gemma4_rope_freqs(text)
     return out
+
+
+def _name_map(arch_name: str, text: dict):
+    import gguf
+
+    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
+    return gguf.get_tensor_name_map(arch, int(text["num_hidden_layers"]))
+
+
+def _text_key(hf_key: str) -> str:
+    """A multimodal checkpoint's text-model key as the text-only model names it (model.language_model. -> model.)."""
+    return "model." + hf_key[len("model.language_model."):] if hf_key.startswith("model.language_model.") else hf_key
+
+
+def tensor_name(arch_name: str, text: dict, hf_key: str) -> str | None:
+    """llama.cpp's name for a Hugging Face weight of the text model, e.g. model.layers.3.self_attn.q_proj.weight
+    -> blk.3.attn_q.weight (gguf's TensorNameMap); None when llama.cpp has no such tensor."""
+    return _name_map(arch_name, text).get_name(_text_key(hf_key), try_suffixes=(".weight", ".bias"))
 
 
 def gemma4_rope_freqs(text: dict):

@@ -198,10 +198,12 @@ OLLAMA = {"gemma3": (GEMMA3_OLLAMA_TEMPLATE, ("<end_of_turn>", "<eos>")),
           "gemma4": (GEMMA4_OLLAMA_TEMPLATE, ("<turn|>", "<eos>"))}
 
 
-def modelfile(gguf_name: str, arch: str = "gemma3") -> str:
-    """An Ollama Modelfile for the GGUF file beside it: the model's chat template and stop tokens."""
+def modelfile(gguf_name: str, arch: str = "gemma3", adapter: str | None = None) -> str:
+    """An Ollama Modelfile for the GGUF file beside it (and a GGUF LoRA adapter beside it: ADAPTER):
+    the model's chat template and stop tokens."""
     template, stops = OLLAMA[arch]
     return (f"# Ollama: ollama create NAME -f Modelfile && ollama run NAME\n"
             f"FROM ./{gguf_name}\n"
-            f'TEMPLATE """{template}"""\n'
+            + (f"ADAPTER ./{adapter}\n" if adapter else "")
+            + f'TEMPLATE """{template}"""\n'
             + "".join(f'PARAMETER stop "{s}"\n' for s in stops))

@@ -156,12 +156,16 @@ def read_config(adapter_dir: Path) -> dict:
 
 
 def settings_of(adapter_dir: Path, model=None) -> LoraSettings:
-    """The settings an adapter was trained with (a plain mlx-lm adapter's modules need the model)."""
+    """The settings an adapter was trained with (a plain mlx-lm adapter's modules need the model:
+    without it, such an adapter is an InputError)."""
     cfg = read_config(adapter_dir)
     ours = cfg.get("mlx_gemma_tune")
     if ours:
         known = {k: v for k, v in ours.items() if k in LoraSettings.__dataclass_fields__}
         return LoraSettings(**known)
+    if model is None:
+        raise InputError("was not written by mlx-gemma-tune (no module list)", where=str(Path(adapter_dir) / ADAPTER_CONFIG),
+                         hint="export a run that `mlx-gemma-tune train` wrote")
     # an adapter written by plain mlx-lm: its keys on its last num_layers layers
     lp = cfg.get("lora_parameters", {})
     rank = int(lp.get("rank", 8))

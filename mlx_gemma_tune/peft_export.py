@@ -30,11 +30,7 @@ def export_peft(run_dir: str, out: str, *, base: str | None = None, force: bool 
     source_config = hf_checkpoint.read_config(source)
     model_type = source_config["model_type"]
     hf_prefixes(model_type)
-    cfg = lora.read_config(adapter)
-    settings = lora.LoraSettings(**{k: v for k, v in (cfg.get("mlx_gemma_tune") or {}).items()
-                                    if k in lora.LoraSettings.__dataclass_fields__})
-    if not settings.modules:
-        raise InputError("was not written by mlx-gemma-tune (no module list)", where=str(adapter / lora.ADAPTER_CONFIG))
+    settings = lora.settings_of(adapter)
     if settings.experts or any(".experts." in m for m in settings.modules):
         raise UserError("adapters on MoE experts have no PEFT equivalent (transformers keeps the experts as fused "
                         "3-D parameters)", where=str(run_dir), hint="use --format hf for a merged checkpoint")

@@ -315,3 +315,114 @@ def test_ollama_modelfile_uses_the_family_turns(family, stop, family_exports, tm
     modelfile = (tmp_path / "Modelfile").read_text()
     assert f'PARAMETER stop "{stop}"' in modelfile
     assert ("<|turn>user" in modelfile) == (family != "gemma3n")
+
+
+# ---- GGUF LoRA adapters and llama.cpp quantizations without the extra ----------------------------
+
+
+def test_gguf_lora_adapter_layout_and_values(trained_run, hf_export, hf_model, tmp_path):
+    """The adapter GGUF in convert_lora_to_gguf.py's layout: general.type adapter, adapter.type lora,
+    adapter.lora.alpha; per adapted base tensor X (named as in the base GGUF), X.lora_a (rank, in) and
+    X.lora_b (out, rank), with alpha / rank * B @ A equal to what merging changed in the run's weights."""
+    import gguf
+    import mlx.core as mx
+
+    from mlx_gemma_tune import gguf_export
+
+    run = trained_run("gemma3_text")
+    out = tmp_path / "ollama" / "adapter.gguf"
+    res = run_cli(["export", run, "--format", "gguf-lora", "-o", out, "--ollama"])
+    assert res.exit_code == 0, res.output
+    assert "GGUF LoRA adapter" in res.stdout
+    r = gguf.GGUFReader(str(out))
+    assert _field(r, "general.type") == "adapter" and _field(r, "adapter.type") == "lora"
+    assert _field(r, "general.architecture") == "gemma3"
+    cfg = json.loads((run / "adapter_config.json").read_text())["mlx_gemma_tune"]
+    alpha, rank = _field(r, "adapter.lora.alpha"), cfg["rank"]
+    assert alpha == pytest.approx(cfg["alpha"])  # llama.cpp scales by alpha / rank: mlx-lm's scale
+
+    base_gguf = out.parent / "gemma3_text-f16.gguf"
+    base_shapes = {t.name: [int(d) for d in t.shape] for t in gguf.GGUFReader(str(base_gguf)).tensors}
+    lora = {t.name: np.array(t.data, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
+            for t in r.tensors}
+    assert all(t.tensor_type.name == "F32" for t in r.tensors)
+    targets = {n[: -len(".lora_a")] for n in lora if n.endswith(".lora_a")}
+    assert {n[: -len(".lora_b")] for n in lora if n.endswith(".lora_b")} == targets
+    assert len(targets) == len(cfg["modules"]) == 4 * 7  # q, k, v, o, gate, up, down on 4 layers
+    _, merged = hf_export
+    base = {}
+    for f in sorted(hf_model("gemma3_text").glob("*.safetensors")):
+        base.update({k: np.array(v.astype(mx.float32)) for k, v in mx.load(str(f)).items()})
+    checked = 0
+    for key in merged:
+        name = gguf_export.tensor_name("gemma3", json.loads((hf_model("gemma3_text") / "config.json").read_text()), key)
+        if name not in targets:
+            continue
+        a, b = lora[name + ".lora_a"], lora[name + ".lora_b"]
+        out_dim, in_dim = merged[key].shape
+        assert a.shape == (rank, in_dim) and b.shape == (out_dim, rank), name
+        assert base_shapes[name] == [in_dim, out_dim]  # ggml order: the base tensor the pair adapts
+        delta, ours = merged[key] - base[key], alpha / rank * (b @ a)
+        # the float32 merge rounds W + delta to half an ulp of |merged|, and the rank-r product (here and in
+        # MLX, in another summation order) to a few ulps of its own size
+        scale = np.abs(merged[key]).max() + np.abs(ours).max()
+        assert np.abs(ours - delta).max() <= 4 * np.finfo(np.float32).eps * scale, name
+        assert np.abs(delta).max() > 100 * np.finfo(np.float32).eps * np.abs(base[key]).max()  # training moved it
+        checked += 1
+    assert checked == len(targets)
+
+    modelfile = (out.parent / "Modelfile").read_text()
+    assert "FROM ./gemma3_text-f16.gguf\nADAPTER ./adapter.gguf\n" in modelfile
+    assert 'PARAMETER stop "<end_of_turn>"' in modelfile
+    assert _field(gguf.GGUFReader(str(base_gguf)), "general.type") == "model"
+
+    # a second adapter on the same base reuses the base file
+    before = base_gguf.stat().st_mtime_ns
+    res = run_cli(["export", run, "--format", "gguf-lora", "-o", out.parent / "second.gguf", "--ollama", "--force"])
+    assert res.exit_code == 0, res.output
+    assert "(reused)" in res.stdout and base_gguf.stat().st_mtime_ns == before
+    assert "ADAPTER ./second.gguf" in (out.parent / "Modelfile").read_text()
+
+
+def test_gguf_lora_refusals_write_nothing(trained_run, hf_model, tmp_path):
+    run = trained_run("gemma3_text")
+    # a base GGUF of another model already where --ollama would put it
+    (tmp_path / "o").mkdir()
+    other = tmp_path / "o" / "gemma3_text-f16.gguf"
+    w = __import__("gguf").GGUFWriter(str(other), "gemma3n")
+    w.add_block_count(9)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert_one_line_error(run_cli(["export", run, "--format", "gguf-lora", "-o", tmp_path / "o" / "a.gguf", "--ollama"]),
+                          str(other), "different model", "gemma3n")
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["gemma3_text-f16.gguf"]
+    # not a run
+    assert_one_line_error(run_cli(["export", hf_model("gemma3_text"), "--format", "gguf-lora", "-o", tmp_path / "b.gguf"]),
+                          "not a run directory")
+    # DoRA: no llama.cpp form
+    dora = tmp_path / "dora"
+    shutil.copytree(run, dora)
+    cfg = json.loads((dora / "adapter_config.json").read_text())
+    cfg["mlx_gemma_tune"]["method"] = "dora"
+    (dora / "adapter_config.json").write_text(json.dumps(cfg))
+    assert_one_line_error(run_cli(["export", dora, "--format", "gguf-lora", "-o", tmp_path / "c.gguf"]),
+                          "DoRA", "--format gguf")
+    assert not (tmp_path / "b.gguf").exists() and not (tmp_path / "c.gguf").exists()
+    assert_one_line_error(run_cli(["export", run, "--format", "gguf-lora", "-o", tmp_path / "d.gguf",
+                                   "--outtype", "q8_0"]), "--ollama", code=2)
+    assert_one_line_error(run_cli(["export", run, "--format", "gguf", "-o", tmp_path / "d.gguf",
+                                   "--calibration", tmp_path / "x.jsonl"]), "--verify", code=2)
+
+
+@pytest.mark.parametrize("args", [["--outtype", "q4_k_m"], ["--outtype", "q5_0"], ["--verify"]])
+def test_llama_cpp_quantizations_without_the_extra_say_how_to_install(args, trained_run, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if llama-cpp-python were not installed
+    out = tmp_path / "m.gguf"
+    line = assert_one_line_error(run_cli(["export", trained_run("gemma3_text"), "--format", "gguf", "-o", out, *args]),
+                                 "llama-cpp-python", "pip install 'mlx-gemma-tune[llama-cpp]'")
+    assert args[-1] in line
+    assert list(tmp_path.iterdir()) == []

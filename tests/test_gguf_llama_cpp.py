@@ -1,6 +1,6 @@
 """Opt-in: llama.cpp itself runs our GGUF files (skipped unless llama-cpp-python is installed).
 
-    .venv/bin/pip install llama-cpp-python     # builds llama.cpp from source (cmake + a C++ compiler)
+    .venv/bin/pip install -e '.[llama-cpp]'    # builds llama.cpp from source (cmake + a C++ compiler)
     bash scripts/test.sh tests/test_gguf_llama_cpp.py           # the fixtures (seconds)
     bash scripts/test.sh -m slow tests/test_gguf_llama_cpp.py   # + the real Gemma 3 270M (a minute)
 
@@ -8,16 +8,21 @@ Fixtures (Gemma 3n, and fine-tunes of the three Gemma 4 shapes): llama.cpp loads
 logits for a prompt equal our MLX model's (run with the same f16-rounded weights) and it tokenizes
 the chat prompt to the same ids. Real model (slow): a short LoRA on the bundled Gemma 3 270M,
 exported to GGUF (f16); llama.cpp's greedy continuation of a held-out prompt equals our fused MLX
-model's for 16 tokens.
+model's for 16 tokens; its q4_k_m export's greedy answers on held-out prompts against the f16 export's;
+llama.cpp with the base GGUF + our GGUF LoRA adapter gives the merged GGUF's answers.
+
+Also: K-quant exports carry llama.cpp's own per-tensor types, `--verify` reports perplexities, and
+base + GGUF LoRA equals the merged GGUF on every family's fixture.
 """
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
-from helpers import run_cli
+from helpers import assert_one_line_error, run_cli
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python to run these tests")
 
@@ -134,3 +139,151 @@ def test_llama_cpp_greedy_output_equals_mlx(tmp_path):
     print("mlx:      ", tokenizer.decode(ours))
     print("llama.cpp:", tokenizer.decode(theirs))
     assert theirs == ours
+
+
+# ---- llama.cpp quantizations, --verify, GGUF LoRA adapters -----------------------------------------
+
+# Every weight row 256 wide (K-quant blocks are 256 values): no fallback types.
+K_WIDE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=1, head_dim=64)
+# llama.cpp's choices (src/llama-quant.cpp): the tied embedding (also the output) is Q6_K in every one of
+# these mixes; *_K_M give attn_v and ffn_down more bits (Q6_K) in some layers, with 4 layers layers 2 and 3.
+K_TYPES = {"q4_k_m": ("Q4_K", {2, 3}, 15), "q5_k_m": ("Q5_K", {2, 3}, 17), "q6_k": ("Q6_K", set(), 18),
+           "q4_0": ("Q4_0", set(), 2), "q5_0": ("Q5_0", set(), 8)}
+
+
+@pytest.fixture(scope="module")
+def k_wide_run(tmp_path_factory):
+    from fixtures import gemma_fixtures
+
+    root = tmp_path_factory.mktemp("kwide")
+    model = gemma_fixtures.build_fixture("gemma3_text", root / "g3", text_overrides=K_WIDE)
+    data = root / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Question {i}?", "completion": f"Answer {i}."}) + "\n"
+                            for i in range(8)))
+    sets = ["--set", "train.lr=1e-2", "--set", "train.iters=4", "--set", "data.valid_fraction=0"]
+    assert run_cli(["train", "--model", model, "--data", data, "-o", root / "run", *sets]).exit_code == 0
+    return root / "run"
+
+
+@pytest.mark.parametrize("outtype", list(K_TYPES))
+def test_llama_cpp_quantizations_have_llama_cpps_tensor_types(outtype, k_wide_run, tmp_path):
+    import gguf
+
+    out = tmp_path / "m.gguf"
+    res = run_cli(["export", k_wide_run, "--format", "gguf", "--outtype", outtype, "-o", out, "--json"])
+    assert res.exit_code == 0, res.output
+    main, more_bits, file_type = K_TYPES[outtype]
+    r = gguf.GGUFReader(str(out))
+    assert r.fields["general.file_type"].contents() == file_type
+    got = {t.name: t.tensor_type.name for t in r.tensors}
+    for name, qtype in got.items():
+        layer = int(name.split(".")[1]) if name.startswith("blk.") else None
+        if name.endswith("norm.weight"):
+            want = "F32"
+        elif name == "token_embd.weight" or (name.endswith(("attn_v.weight", "ffn_down.weight"))
+                                             and layer in more_bits):
+            want = "Q6_K"
+        else:
+            want = main
+        assert qtype == want, name
+    result = json.loads(res.stdout)
+    assert result["tensor_types"] == {t: list(got.values()).count(t) for t in set(got.values())}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]  # the f16 intermediate is gone
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=32, verbose=False)  # llama.cpp loads and runs it
+    llm.eval(IDS)
+    assert np.isfinite(np.array(llm.scores[: len(IDS)])).all()
+    llm.close()
+
+
+def test_verify_reports_what_quantization_costs(k_wide_run, tmp_path):
+    out = tmp_path / "m.gguf"
+    res = run_cli(["export", k_wide_run, "--format", "gguf", "--outtype", "q4_k_m", "-o", out, "--verify", "--json"])
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.stdout)
+    ppl, top1 = r["verify_perplexity"], r["verify_top1"]
+    assert set(ppl) == {"mlx", "f16", "q4_k_m"} and set(top1) == {"f16 vs mlx", "q4_k_m vs f16"}
+    assert "built-in English sample" in r["verify_text"] and r["verify_tokens"] > 1000
+    # llama.cpp's f16 file computes what MLX does: f16 rounds weights by 2^-11, which moves the mean
+    # negative log-likelihood by far less than 2% (the random fixture's logits are large: ~65 nats)
+    assert abs(np.log(ppl["f16"]) - np.log(ppl["mlx"])) < 0.02 * np.log(ppl["mlx"])
+    assert top1["f16 vs mlx"] > 0.9 and 0 < top1["q4_k_m vs f16"] <= 1
+    assert r["size_bytes"] < 0.45 * r["reference_size_bytes"]  # ~4.5-6.6 bits per weight vs 16
+    res = run_cli(["export", k_wide_run, "--format", "gguf", "-o", tmp_path / "f16.gguf", "--verify",
+                   "--calibration", tmp_path / "rows.jsonl"])
+    assert_one_line_error(res, "rows.jsonl")
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"prompt": f"Q{i}?", "completion": f"A {i}."}) + "\n"
+                                                 for i in range(3)))
+    res = run_cli(["export", k_wide_run, "--format", "gguf", "-o", tmp_path / "f16.gguf", "--verify",
+                   "--calibration", tmp_path / "rows.jsonl"])
+    assert res.exit_code == 0, res.output
+    assert "3 rows of" in res.stdout and "perplexity MLX" in res.stdout
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "gemma3n", "gemma4_edge", "gemma4_dense", "gemma4_moe"])
+def test_base_plus_gguf_lora_equals_the_merged_gguf(family, hf_model, tmp_path):
+    from fixtures import gemma_fixtures
+
+    model = hf_model(family)
+    if family == "gemma3n":
+        model = gemma_fixtures.build_fixture("gemma3n", tmp_path / "gemma3n", text_overrides=GEMMA3N_AS_LLAMA_CPP_EXPECTS)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Question {i}?", "completion": f"Answer {i}."}) + "\n"
+                            for i in range(8)))
+    sets = ["--set", "train.lr=1e-2", "--set", "train.iters=4", "--set", "data.valid_fraction=0"]
+    assert run_cli(["train", "--model", model, "--data", data, "-o", tmp_path / "run", *sets]).exit_code == 0
+    assert run_cli(["export", tmp_path / "run", "--format", "gguf", "-o", tmp_path / "merged.gguf"]).exit_code == 0
+    res = run_cli(["export", tmp_path / "run", "--format", "gguf-lora", "-o", tmp_path / "o" / "a.gguf", "--ollama"])
+    assert res.exit_code == 0, res.output
+    base_gguf = next((tmp_path / "o").glob(f"{model.name}-f16.gguf"))
+
+    from mlx_gemma_tune import gguf_llama_cpp
+
+    merged = gguf_llama_cpp.logits(tmp_path / "merged.gguf", [IDS])[0]
+    with_lora = gguf_llama_cpp.logits(base_gguf, [IDS], lora=tmp_path / "o" / "a.gguf")[0]
+    base = gguf_llama_cpp.logits(base_gguf, [IDS])[0]
+    # only f16 rounding apart (merged weights rounded once, base and adapter separately), while
+    # the adapter itself moves the logits far more: llama.cpp applied every adapted layer
+    noise = np.abs(with_lora - merged).max()
+    assert noise < 0.05 * np.abs(base - merged).max()
+    # the same greedy token wherever the merged model's top two are further apart than that rounding
+    top2 = np.sort(merged, axis=-1)[:, -2:]
+    decided = top2[:, 1] - top2[:, 0] > 2 * noise
+    assert decided.sum() >= len(IDS) // 2
+    assert (with_lora.argmax(-1) == merged.argmax(-1))[decided].all()
+
+
+@pytest.mark.slow
+def test_270m_k_quant_and_gguf_lora_answers_in_llama_cpp(tmp_path):
+    """Gemma 3 270M tuned on the bundled extraction task: llama.cpp's greedy answers to the held-out
+    prompts from the q4_k_m export vs the f16 export (most rows the same; the count is printed and
+    recorded in benchmarks/README.md), and from the base GGUF + our GGUF LoRA vs the merged GGUF."""
+    from mlx_gemma_tune import dataset_files, demo, gguf_llama_cpp, models
+
+    base = demo.mlx_model("float32")
+    run = tmp_path / "run"
+    res = run_cli(["train", "--model", base, "--data", "example:extraction", "-o", run, "--set", "train.iters=12",
+                   "--set", "train.batch_size=2", "--set", "lora.rank=8", "--set", "train.lr=2e-4"])
+    assert res.exit_code == 0, res.output
+    for args in (["-o", tmp_path / "f16.gguf"], ["-o", tmp_path / "q4.gguf", "--outtype", "q4_k_m", "--verify"]):
+        res = run_cli(["export", run, "--format", "gguf", *args])
+        assert res.exit_code == 0, res.output
+        print(res.stdout)
+    res = run_cli(["export", run, "--format", "gguf-lora", "-o", tmp_path / "o" / "adapter.gguf", "--ollama"])
+    assert res.exit_code == 0, res.output
+    base_gguf = next((tmp_path / "o").glob("*-f16.gguf"))
+
+    _, tokenizer, _ = models.load(base)
+    rows = dataset_files.read_rows(dataset_files.held_out("example:extraction"))[:10]
+    prompts = [tokenizer.apply_chat_template(r.messages[:-1], add_generation_prompt=True) for r in rows]
+    stop = {tokenizer.convert_tokens_to_ids("<end_of_turn>"), tokenizer.eos_token_id}
+    f16 = gguf_llama_cpp.greedy(tmp_path / "f16.gguf", prompts, 48, stop)
+    q4 = gguf_llama_cpp.greedy(tmp_path / "q4.gguf", prompts, 48, stop)
+    with_lora = gguf_llama_cpp.greedy(base_gguf, prompts, 48, stop, lora=tmp_path / "o" / "adapter.gguf")
+    same_q4 = sum(a == b for a, b in zip(q4, f16))
+    same_lora = sum(a == b for a, b in zip(with_lora, f16))
+    for a, b, c in zip(f16, q4, with_lora):
+        print("f16:       ", tokenizer.decode(a), "\nq4_k_m:    ", tokenizer.decode(b), "\nbase+lora: ", tokenizer.decode(c))
+    print(f"q4_k_m answers equal to f16's on {same_q4}/{len(rows)} held-out rows; base + GGUF LoRA equal to the "
+          f"merged GGUF's on {same_lora}/{len(rows)}")
+    assert same_lora == len(rows)
+    assert same_q4 > len(rows) // 2

@@ -265,9 +265,26 @@ def show_fuse(r) -> None:
 
 
 def show_export(r) -> None:
-    what = {"hf": "Hugging Face checkpoint", "peft": "PEFT adapter", "gguf": f"GGUF file ({r.dtype})"}[r.format]
+    what = {"hf": "Hugging Face checkpoint", "peft": "PEFT adapter", "gguf": f"GGUF file ({r.dtype})",
+            "gguf-lora": "GGUF LoRA adapter"}[r.format]
     out.print(f"Exported a {what} -> {r.output} ({r.tensors} tensors, {human_bytes(r.size_bytes)}, {r.seconds:.1f} s)",
-              soft_wrap=True)
+              soft_wrap=True, markup=False)
+    if r.tensor_types:
+        out.print("Tensor types: " + ", ".join(f"{k} {n}" for k, n in r.tensor_types.items()), soft_wrap=True,
+                  markup=False)
+    if r.base_gguf:
+        out.print(f"Base model GGUF: {r.base_gguf}; Modelfile: FROM the base, ADAPTER the adapter", soft_wrap=True,
+                  markup=False)
+    if r.verify_perplexity:
+        ppl = r.verify_perplexity
+        cost = ppl[r.dtype] / ppl["f16"] - 1
+        out.print(f"Verify with llama.cpp on {r.verify_text} ({r.verify_tokens} tokens): perplexity MLX "
+                  f"{ppl['mlx']:.4g}, f16 GGUF {ppl['f16']:.4g}"
+                  + (f", {r.dtype} {ppl[r.dtype]:.4g} ({cost:+.2%} vs f16, {human_bytes(r.size_bytes)} vs "
+                     f"{human_bytes(r.reference_size_bytes)})" if r.dtype != "f16" else ""), soft_wrap=True,
+                  markup=False)
+        out.print("Same greedy next token: " + ", ".join(f"{k} {v:.1%}" for k, v in r.verify_top1.items()),
+                  soft_wrap=True, markup=False)
     if r.restored:
         out.print("Restored from " + r.source + ": " + ", ".join(f"{k} ({n})" for k, n in sorted(r.restored.items())),
                   soft_wrap=True)
