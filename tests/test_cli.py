@@ -112,7 +112,8 @@ def test_the_package_builds_quietly_with_its_recipes_and_examples(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"mlx_gemma_tune/recipes/gemma4-e2b-lora.yaml", "mlx_gemma_tune/recipes/tasks/tool-calling.yaml",
             "mlx_gemma_tune/examples/tool_calling/train.jsonl", "mlx_gemma_tune/examples/tool_calling/tools.json",
-            "mlx_gemma_tune/examples/README.md"} <= names
+            "mlx_gemma_tune/examples/README.md", "mlx_gemma_tune/calibration/sample.txt",
+            "mlx_gemma_tune/web/compare.html"} <= names
 
 
 def test_compute_commands_use_openblas_when_installed_and_say_so_when_not(hf_model):

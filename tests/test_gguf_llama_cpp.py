@@ -220,7 +220,7 @@ def test_verify_reports_what_quantization_costs(k_wide_run, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["gemma3_text", "gemma3n", "gemma4_edge", "gemma4_dense", "gemma4_moe"])
-def test_base_plus_gguf_lora_equals_the_merged_gguf(family, hf_model, tmp_path):
+def test_base_plus_gguf_lora_equals_the_merged_gguf_and_k_quants_run(family, hf_model, tmp_path):
     from fixtures import gemma_fixtures
 
     model = hf_model(family)
@@ -250,6 +250,15 @@ def test_base_plus_gguf_lora_equals_the_merged_gguf(family, hf_model, tmp_path):
     decided = top2[:, 1] - top2[:, 0] > 2 * noise
     assert decided.sum() >= len(IDS) // 2
     assert (with_lora.argmax(-1) == merged.argmax(-1))[decided].all()
+
+    # the family's K-quant export: llama.cpp quantizes our f16 file and runs the result
+    res = run_cli(["export", tmp_path / "run", "--format", "gguf", "--outtype", "q4_k_m", "-o", tmp_path / "q4.gguf",
+                   "--json"])
+    assert res.exit_code == 0, res.output
+    # 64-wide fixture rows fall back from K-quant blocks to Q5_0 / Q8_0; AltUp, LAuReL, PLE stay f16
+    assert any(t.startswith("Q") for t in json.loads(res.stdout)["tensor_types"])
+    q4 = gguf_llama_cpp.logits(tmp_path / "q4.gguf", [IDS])[0]
+    assert np.isfinite(q4).all() and np.abs(q4 - merged).max() < np.abs(merged).max()
 
 
 @pytest.mark.slow
