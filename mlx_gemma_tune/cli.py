@@ -170,9 +170,10 @@ def doctor(model, recipe_ref, sets, as_json):
               help="A dataset file (JSONL/JSON/CSV/Parquet), or a split folder (its test split, else valid); the "
                    "last assistant turn of each row is the reference.")
 @click.option("--metric", "metric", multiple=True,
-              type=click.Choice(["loss", "exact", "f1", "rougeL", "json", "classification"]),
+              type=click.Choice(["loss", "exact", "f1", "rougeL", "json", "classification", "preference"]),
               help="Repeatable. loss (default): cross-entropy on the assistant tokens; exact, f1, rougeL, json, "
-                   "classification: on generated answers.")
+                   "classification: on generated answers; preference: reward accuracy on preference pairs "
+                   "(prompt, chosen, rejected).")
 @click.option("--adapter", type=click.Path(file_okay=False), default=None, help="LoRA/DoRA adapter directory.")
 @click.option("--compare", is_flag=True, help="Score the base model and the tuned model on the same rows.")
 @click.option("--judge", "judge_model", default=None, type=click.Path(file_okay=False),

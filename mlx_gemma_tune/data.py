@@ -49,6 +49,7 @@ class Example:
     source: str  # "file:line", for messages
     extra: dict | None = None  # image / audio rows: numpy model inputs, e.g. pixel_values (see multimodal.py)
     text: str | None = None  # a chat row's rendered text (what the tokens encode; multimodal.py expands it)
+    rejected: Example | None = None  # a preference pair's rejected answer (this Example is the chosen one)
 
 
 def hf_tokenizer(tokenizer):
@@ -153,7 +154,7 @@ def _answers_only(messages: list[dict]) -> list[dict]:
 
 
 def encode_conversation(tokenizer, messages: list[dict], where: str = "", reasoning: str = "train",
-                        tools: list[dict] | None = None) -> list[Example]:
+                        tools: list[dict] | None = None, last_turn_only: bool = False) -> list[Example]:
     """Tokens and loss masks of a conversation: one Example, or one per assistant turn (module doc).
 
     Every Example's masked prefix before a trained turn is token for token what `chat` / `generate`
@@ -161,7 +162,8 @@ def encode_conversation(tokenizer, messages: list[dict], where: str = "", reason
     is data.reasoning: train / drop / error; `tools` the row's function declarations. Raises
     InputError (naming `where`) when the template refuses the conversation or renders a turn
     inconsistently, when reasoning is refused, when the model has no thinking format to train it
-    in, or no tool format for a row that uses tools."""
+    in, or no tool format for a row that uses tools. last_turn_only: one Example, the last assistant
+    turn's generation prompt (masked) and answer (a preference pair's answers share that prompt)."""
     hf = hf_tokenizer(tokenizer)
     template_args = {"tools": tools} if tools else {}
     if tool_calling.has_tool_use(messages, tools) and not tool_calling.can_call_tools(hf):
@@ -178,9 +180,12 @@ def encode_conversation(tokenizer, messages: list[dict], where: str = "", reason
         messages = _answers_only(messages)
     if reasoning == "train" and any(t is not None for t in thoughts):
         _, turns = assistant_turns(hf, messages, where, enable_thinking=True, **template_args)
-        return [_sequence(hf, t.prompt, _with_thought(t.prompt, thought, t.answer), where)
-                for t, thought in zip(turns, thoughts)]
+        out = [_sequence(hf, t.prompt, _with_thought(t.prompt, thought, t.answer), where)
+               for t, thought in zip(turns, thoughts)]
+        return out[-1:] if last_turn_only else out
     full, turns = assistant_turns(hf, messages, where, **template_args)
+    if last_turn_only:
+        return [_sequence(hf, turns[-1].prompt, turns[-1].answer, where)]
     if all(t.in_context for t in turns):
         return [_whole(hf, full, turns, where)]
     return [_sequence(hf, t.prompt, t.answer, where) for t in turns]
@@ -265,9 +270,16 @@ def batches(examples: list[Example], batch_size: int, pad_id: int = 0):
         yield packing.batch_arrays([[e] for e in examples[start:start + batch_size]], pad_id)[:3]
 
 
-def encode_row(tokenizer, row, mask_prompt: bool = True, reasoning: str = "train") -> list[Example]:
+def encode_row(tokenizer, row, mask_prompt: bool = True, reasoning: str = "train", pairs: bool = False
+               ) -> list[Example]:
     """Tokens and loss masks of a normalised dataset row (see dataset_files.Row): a chat row gives
-    one Example or one per assistant turn (encode_conversation), a text row one (encode_text)."""
+    one Example or one per assistant turn (encode_conversation), a text row one (encode_text).
+
+    pairs (preference objectives): a preference row gives one Example of its chosen answer with the
+    rejected one as .rejected, both the same prompt tokens (the context's generation prompt) and an
+    answer; other rows are an InputError. Without pairs, a preference row trains on its chosen answer."""
+    if pairs:
+        return [encode_pair(tokenizer, row, reasoning)]
     if row.messages is None:
         return [encode_text(tokenizer, row.text, row.where)[0]]
     examples = encode_conversation(tokenizer, row.messages, row.where, reasoning, tools=row.tools)
@@ -275,6 +287,33 @@ def encode_row(tokenizer, row, mask_prompt: bool = True, reasoning: str = "train
         for ex in examples:
             ex.mask = [True] * len(ex.tokens)
     return examples
+
+
+def encode_pair(tokenizer, row, reasoning: str = "train") -> Example:
+    """A preference row's chosen answer (with the rejected one as .rejected) after the shared prompt."""
+    if row.rejected is None:
+        raise InputError(f"is a {row.fmt.replace('_', ' ')} row, but train.objective dpo / orpo learns from "
+                         "preference pairs", where=row.where, hint='rows like {"prompt": ..., "chosen": ..., '
+                                                                   '"rejected": ...}; or train.objective: sft')
+    for key, msg in (("chosen", row.messages[-1]), ("rejected", row.rejected)):
+        if not (msg["content"].strip() or msg.get("tool_calls") or msg.get("reasoning_content")):
+            raise InputError(f"'{key}' is an empty answer", where=row.where)
+    if row.messages[-1] == row.rejected:
+        raise InputError("'chosen' and 'rejected' are the same answer: a pair must differ to teach a preference",
+                         where=row.where)
+    chosen = encode_conversation(tokenizer, row.messages, row.where, reasoning, row.tools, last_turn_only=True)[0]
+    rejected = encode_conversation(tokenizer, row.messages[:-1] + [row.rejected], row.where, reasoning, row.tools,
+                                   last_turn_only=True)[0]
+    if _prompt_part(chosen) != _prompt_part(rejected):  # e.g. a thought in one answer only: thinking on for it
+        raise InputError("'chosen' and 'rejected' are answered after different prompts (one carries reasoning, the "
+                         "other not?): a pair must share its prompt", where=row.where,
+                         hint="give both answers a thought, or neither")
+    chosen.rejected = rejected
+    return chosen
+
+
+def _prompt_part(ex: Example) -> list[int]:
+    return ex.tokens[: ex.mask.index(True)] if True in ex.mask else ex.tokens
 
 
 def encode_text(tokenizer, text: str, where: str = "") -> tuple[Example, list[str]]:
@@ -314,7 +353,17 @@ def _cut_extra(ex: Example, max_len: int) -> dict | None:
 
 
 def fit_length(ex: Example, max_len: int, policy: str) -> Example | None:
-    """Apply data.overlong to one example: the example, a truncated copy, or None (dropped)."""
+    """Apply data.overlong to one example: the example, a truncated copy, or None (dropped). A preference
+    pair is fitted answer by answer (the shared prompt is cut the same way in both) and dropped whole."""
+    if ex.rejected is not None:
+        chosen = fit_length(Example(ex.tokens, ex.mask, ex.source), max_len, policy)
+        rejected = fit_length(ex.rejected, max_len, policy)
+        if chosen is None or rejected is None or not (sum(chosen.mask[1:]) and sum(rejected.mask[1:])):
+            return None
+        if chosen.tokens == ex.tokens and rejected is ex.rejected:
+            return ex
+        chosen.rejected = rejected
+        return chosen
     if len(ex.tokens) <= max_len:
         return ex
     if policy == "truncate":

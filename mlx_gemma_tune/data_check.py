@@ -74,7 +74,7 @@ def check_dataset(path: str | Path, tokenizer=None, max_seq_length: int | None =
                 first_seen[key] = row.where
             # a message made of an image or a clip alone is not empty, nor a tool call without text
             contents = [row.text] if row.text is not None else [
-                m["content"] for m in row.messages
+                m["content"] for m in row.messages + ([row.rejected] if row.rejected else [])
                 if all(p["type"] == "text" for p in m.get("parts", [])) and not m.get("tool_calls")]
             if any(not c.strip() for c in contents):
                 empty.append(row.where)
@@ -99,6 +99,9 @@ def _length(row: Row, tokenizer, reasoning: str = "drop") -> tuple[int, list[str
     if row.text is not None:
         ex, adjusted = encode_text(tokenizer, row.text, row.where)
         return len(ex.tokens), adjusted
+    if row.rejected is not None:  # a preference pair: both answers after the shared prompt, the longer counts
+        pair = encode_row(tokenizer, row, reasoning=reasoning, pairs=True)[0]
+        return max(len(pair.tokens), len(pair.rejected.tokens)), []
     return max(len(ex.tokens) for ex in encode_row(tokenizer, row, reasoning=reasoning)), []
 
 

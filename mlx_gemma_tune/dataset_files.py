@@ -32,19 +32,21 @@ from mlx_gemma_tune.errors import InputError
 SPLIT_ALIASES = {"train": "train", "valid": "valid", "validation": "valid", "val": "valid", "dev": "valid",
                  "test": "test"}
 SCHEMAS = ("messages (or ShareGPT conversations), prompt + completion (or question + answer), instruction + "
-           "response (+ context; Alpaca: instruction + input + output), or text")
+           "response (+ context; Alpaca: instruction + input + output), text, or a preference pair: prompt (or "
+           "messages) + chosen + rejected")
 FIELDS = ("messages", "conversations", "prompt", "completion", "question", "answer", "instruction", "response",
-          "output", "input", "context", "system", "text", "tools")
+          "output", "input", "context", "system", "text", "tools", "chosen", "rejected")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 @dataclass
 class Row:
     where: str  # "path:line" (JSONL, CSV with the header as line 1) or "path[index]" (JSON list, Arrow)
-    fmt: str  # "chat" | "prompt_completion" | "instruction" | "text"
+    fmt: str  # "chat" | "prompt_completion" | "instruction" | "text" | "preference"
     messages: list[dict] | None  # [{"role": "system" | "user" | "assistant" | "tool", "content": str, ...}]
     text: str | None = None  # for fmt == "text"
     tools: list[dict] | None = None  # a chat row's function declarations (tools.check_tools)
+    rejected: dict | None = None  # preference: the rejected assistant message (messages ends with the chosen one)
 
 
 EXAMPLES_DIR = Path(__file__).parent / "examples"
@@ -152,6 +154,8 @@ def _not_a_dataset_folder(p: Path) -> InputError:
 def _normalise(obj: object, where: str) -> Row:
     if not isinstance(obj, dict):
         raise InputError(f"row must be an object with named fields, not {kind_of(obj)}", where=where)
+    if "chosen" in obj or "rejected" in obj:
+        return _preference(obj, where)
     for key in ("messages", "conversations"):
         if key in obj:
             messages = _chat(obj[key], key, where)
@@ -180,6 +184,49 @@ def _normalise(obj: object, where: str) -> Row:
                      hint=f"accepted: {SCHEMAS}; found keys: {', '.join(map(str, obj)) or 'none'}")
 
 
+PAIR_HINT = ('a pair: {"prompt": ..., "chosen": ..., "rejected": ...}, or "messages" (the context) with '
+             '"chosen" and "rejected" assistant messages')
+
+
+def _preference(obj: dict, where: str) -> Row:
+    """A preference pair: the context (prompt text or messages, ending with the user's turn), the chosen
+    answer appended to it, the rejected one apart (TRL's standard and conversational forms)."""
+    for key, other in (("chosen", "rejected"), ("rejected", "chosen")):
+        if key not in obj:
+            raise InputError(f"preference row has '{other}' but no '{key}'", where=where, hint=PAIR_HINT)
+    system = _field(obj, "system", where, optional=True)
+    key = next((k for k in ("messages", "conversations", "prompt") if k in obj), None)
+    if key is None:
+        raise InputError("preference row has no prompt ('prompt' or 'messages')", where=where, hint=PAIR_HINT)
+    if isinstance(obj[key], list):
+        context = _chat(obj[key], key, where, need_answer=False)
+    else:
+        context = [{"role": "user", "content": _field(obj, key, where)}]
+    if system and context[0]["role"] != "system":
+        context.insert(0, {"role": "system", "content": system})
+    if context[-1]["role"] not in ("user", "tool"):
+        raise InputError(f"the prompt of a preference row must end with a user (or tool) message, not "
+                         f"{context[-1]['role']}: chosen and rejected answer it", where=where)
+    chosen, rejected = _answer(obj["chosen"], "chosen", where), _answer(obj["rejected"], "rejected", where)
+    messages = context + [chosen]
+    tools = tool_calling.check_tools(obj["tools"], where) if obj.get("tools") is not None else None
+    tool_calling.check_order(messages, where)
+    return Row(where, "preference", messages, tools=tools, rejected=rejected)
+
+
+def _answer(value: object, key: str, where: str) -> dict:
+    """A preference answer: a string, one assistant message, or a list holding one (TRL). Empty or identical
+    answers are refused when the pair is encoded (data.encode_pair), so `data check` lists them all."""
+    if isinstance(value, str):
+        msg = {"role": "assistant", "content": value}
+    else:
+        msgs = _chat(value if isinstance(value, list) else [value], key, where, need_answer=False)
+        if len(msgs) != 1 or msgs[0]["role"] != "assistant":
+            raise InputError(f"'{key}' must be the answer: a string or one assistant message", where=where)
+        msg = msgs[0]
+    return msg
+
+
 def _turn(user: str, assistant: str) -> list[dict]:
     return [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
 
@@ -198,7 +245,7 @@ def _pick(msg: dict, *keys: str):
     return next((msg[k] for k in keys if msg.get(k) is not None), None)
 
 
-def _chat(msgs: object, key: str, where: str) -> list[dict]:
+def _chat(msgs: object, key: str, where: str, need_answer: bool = True) -> list[dict]:
     if not isinstance(msgs, list) or not msgs:
         raise InputError(f"'{key}' must be a non-empty list of messages, not {kind_of(msgs)}", where=where)
     out = []
@@ -238,7 +285,7 @@ def _chat(msgs: object, key: str, where: str) -> list[dict]:
                              where=where, hint='parts: {"type": "text", "text": ...} or {"type": "image", '
                                                '"image": "path/to.png"}')
         out.append({"role": canonical, "content": content} | extra)
-    if not any(m["role"] == "assistant" for m in out):
+    if need_answer and not any(m["role"] == "assistant" for m in out):
         raise InputError("has no assistant message to learn from", where=where)
     return out
 

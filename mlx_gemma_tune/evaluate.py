@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mlx_gemma_tune import data, losses
+from mlx_gemma_tune import data, losses, preference
 
 
 @dataclass
@@ -87,11 +87,50 @@ class EvalReport:
     classification: dict | None = None  # label -> classification() result
     judge: dict | None = None  # label -> judge.summarize()
     loss: dict | None = None  # label -> {"loss", "perplexity", "tokens"}
+    preference: dict | None = None  # label -> preference_scores() on the data's preference pairs
     differ_most: list[dict] | None = None  # with --compare: rows where base and tuned differ most
     output: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _pairs(tokenizer, data_path, max_seq_length: int | None, reasoning: str) -> list:
+    """The preference pairs of a dataset (data.encode_pair), fitted to max_seq_length; InputError
+    naming the file when it has none."""
+    from mlx_gemma_tune import dataset_files
+    from mlx_gemma_tune.errors import InputError
+
+    rows = dataset_files.read_rows(data_path)
+    pairs = []
+    for row in rows:
+        if row.rejected is None:
+            continue
+        pair = data.encode_pair(tokenizer, row, reasoning)
+        pair = data.fit_length(pair, max_seq_length, "drop") if max_seq_length else pair
+        if pair is not None:
+            pairs.append(pair)
+    if not pairs:
+        raise InputError("has no preference pairs (prompt, chosen, rejected) for --metric preference",
+                         where=str(data_path))
+    return pairs
+
+
+def preference_scores(logps, reference=None) -> dict:
+    """{"pairs", "reward_accuracy": share of pairs whose chosen answer has the higher summed log-probability,
+    "reward_margin": mean difference (nats), "chosen_logp", "rejected_logp": means (nats)} from (N, 2)
+    log-probabilities (preference.reference_logps). With the base model's (N, 2) as reference:
+    "implicit_reward_accuracy", DPO's reward accuracy (pi - ref of chosen above that of rejected)."""
+    import numpy as np
+
+    lp = np.asarray(logps, dtype=np.float64)
+    out = {"pairs": len(lp), "reward_accuracy": float((lp[:, 0] > lp[:, 1]).mean()),
+           "reward_margin": float((lp[:, 0] - lp[:, 1]).mean()), "chosen_logp": float(lp[:, 0].mean()),
+           "rejected_logp": float(lp[:, 1].mean())}
+    if reference is not None:
+        d = lp - np.asarray(reference, dtype=np.float64)
+        out["implicit_reward_accuracy"] = float((d[:, 0] > d[:, 1]).mean())
+    return out
 
 
 def _items(data_path, need_reference: bool):
@@ -147,7 +186,7 @@ def evaluate(model_or_run: str, data_path: str, *, metrics: tuple[str, ...] = ("
     unknown = [m for m in metrics if m not in M.ALL_METRICS]
     if unknown:
         raise UserError(f"unknown metric '{unknown[0]}'", hint="choose from " + ", ".join(M.ALL_METRICS))
-    text_metrics = tuple(m for m in metrics if m != "loss")
+    text_metrics = tuple(m for m in metrics if m not in ("loss", "preference"))
     session = ChatSession.open(model_or_run, adapter, sampling=Sampling(temp=0.0, max_tokens=max_tokens))
     if compare and session.adapter is None:
         raise UserError("--compare needs an adapter", hint="pass --adapter DIR or a run directory")
@@ -165,11 +204,20 @@ def evaluate(model_or_run: str, data_path: str, *, metrics: tuple[str, ...] = ("
                                   reasoning=reasoning)[0] if "loss" in metrics else []
     if examples:
         examples = data.with_targets(examples, data_path, max_seq_length)[0]
+    pairs = _pairs(session.tokenizer, data_path, max_seq_length, reasoning) if "preference" in metrics else []
+    logps = {}
+    if pairs and session.adapter is not None and "base" not in labels:  # a run alone: its base too, for rewards
+        session.disable_adapter()
+        logps["base"] = preference.reference_logps(session.model, pairs, batch_size)
     for label in labels:
         if label == "base":
             session.disable_adapter()
         else:
             session.enable_adapter()
+        if pairs:
+            logps[label] = preference.reference_logps(session.model, pairs, batch_size)
+            report.preference = (report.preference or {}) | {label: preference_scores(logps[label])}
+            report.rows = len(pairs)
         if "loss" in metrics:
             loss, tokens = dataset_loss(session.model, examples, batch_size)
             report.loss = (report.loss or {}) | {label: {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens}}
@@ -181,6 +229,10 @@ def evaluate(model_or_run: str, data_path: str, *, metrics: tuple[str, ...] = ("
                                             tools=[r.tools for r, _m, _ref in items])
             report.rows = total
     session.enable_adapter()
+    if pairs and "base" in logps and session.adapter is not None:  # DPO's implicit reward against the base
+        tuned = labels[-1]
+        report.preference[tuned] |= preference_scores(logps[tuned], logps["base"])
+        report.preference.setdefault("base", preference_scores(logps["base"]))
     rows_out = []
     for label, preds in answers.items():
         refs = [ref for _r, _m, ref in items]

@@ -61,6 +61,18 @@ def temp_path(folder: Path, suffix: str) -> Path:
     return Path(tmp)
 
 
+def atomic_save_safetensors(path: Path, arrays: dict, metadata: dict | None = None) -> None:
+    """mx.save_safetensors(arrays) to `path`, atomically (atomic_write_with)."""
+    import mlx.core as mx
+
+    def write(tmp: Path) -> None:
+        target = tmp.with_name(tmp.name + ".safetensors")  # mx.save_safetensors appends it otherwise
+        mx.save_safetensors(str(target), arrays, metadata=metadata or {})
+        target.replace(tmp)
+
+    atomic_write_with(path, write)
+
+
 def atomic_write_with(path: Path, write) -> None:
     """write(temp_path) creates the file's content; it then replaces `path` whole, durably. A new
     file gets the mode a plain open() would give it under the user's umask; a file it replaces

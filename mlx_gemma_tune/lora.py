@@ -102,17 +102,8 @@ def save(model, settings: LoraSettings, out_dir: Path) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = dict(tree_flatten(model.trainable_parameters()))
-    fsio.atomic_write_with(out_dir / ADAPTER_WEIGHTS, lambda tmp: _save_safetensors(tmp, weights))
+    fsio.atomic_save_safetensors(out_dir / ADAPTER_WEIGHTS, weights, metadata={"format": "mlx"})
     fsio.atomic_write_json(out_dir / ADAPTER_CONFIG, adapter_config(model, settings))
-
-
-def _save_safetensors(path: Path, weights: dict) -> None:
-    import mlx.core as mx
-
-    # mx.save_safetensors appends ".safetensors" to a name without it
-    target = path.with_name(path.name + ".safetensors")
-    mx.save_safetensors(str(target), weights, metadata={"format": "mlx"})
-    target.replace(path)
 
 
 def _layer_index(model) -> dict[str, int]:

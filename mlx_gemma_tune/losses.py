@@ -134,6 +134,45 @@ def _chunked_head_loss(linear, cap, chunk: int, grad: bool):
     return lambda h, t, w: loss(h, t, w)[0]
 
 
+def token_losses(linear, cap, chunk: int = DEFAULT_CHUNK):
+    """(h (M, D), targets (M,)) -> each target token's cross-entropy (M,) float32, one slice of `chunk`
+    logits at a time; differentiable with respect to h for any cotangent (M,).
+
+    Like _chunked_head_loss, each slice's gradient d ce_i / d h_i is made in the forward pass while
+    its logits exist and kept (M x D, the size of h); the backward pass scales row i by the
+    cotangent of ce_i. Preference losses (preference.py) weight rows by values known only after the
+    forward pass, which a fixed-weight sum cannot express."""
+    import mlx.core as mx
+
+    def piece(h, t):
+        z = head_logits(linear, cap, h)
+        ce = mx.logsumexp(z, axis=-1) - mx.take_along_axis(z, t[:, None], axis=-1)[:, 0]
+        d = mx.softmax(z, axis=-1, precise=True)
+        d = mx.put_along_axis(d, t[:, None], mx.take_along_axis(d, t[:, None], axis=-1) - 1.0, axis=-1)
+        if cap is not None:
+            d = d * (1.0 - mx.square(z / cap))
+        _, (dh,) = mx.vjp(linear, [h], [d.astype(h.dtype)])
+        return ce, dh
+
+    @mx.custom_function
+    def per_token(h, t):
+        values, grads, prev = [], [], None
+        for s in range(0, h.shape[0], chunk):
+            hs = h[s:s + chunk] if prev is None else mx.depends(h[s:s + chunk], prev)  # one slice at a time
+            ce, dh = piece(hs, t[s:s + chunk])
+            values.append(ce)
+            grads.append(dh)
+            prev = [ce, dh]
+        return mx.concatenate(values), mx.concatenate(grads, axis=0).astype(h.dtype)
+
+    @per_token.vjp
+    def per_token_vjp(primals, cotangents, outputs):
+        _, t = primals
+        return cotangents[0][:, None].astype(outputs[1].dtype) * outputs[1], mx.zeros_like(t)
+
+    return lambda h, t: per_token(h, t)[0]
+
+
 def masked_cross_entropy(model, inputs, targets, mask, segments=None, chunk: int | None = DEFAULT_CHUNK,
                          selected=None, grad: bool = False, extra: dict | None = None):
     """(sum of token losses, number of target tokens) over the masked positions, in float32.

@@ -141,8 +141,11 @@ def estimate_for_run(prepared, bins=None, grad_checkpoint: bool = False, ranks: 
         seq_len = max(sum(len(p.train[i].tokens) for i in b) for b in bins)
         targets = sum(sorted((sum(sum(p.train[i].mask) for i in b) for b in bins), reverse=True)[:batch])
     else:
-        seq_len = max((len(e.tokens) for e in p.train), default=1)
-        targets = sum(sorted((sum(e.mask) for e in p.train), reverse=True)[:batch])
+        rows = [r for e in p.train for r in ((e, e.rejected) if e.rejected is not None else (e,))]
+        if len(rows) > len(p.train):  # preference pairs: a micro-batch holds both answers of each pair
+            batch *= 2
+        seq_len = max((len(e.tokens) for e in rows), default=1)
+        targets = sum(sorted((sum(e.mask) for e in rows), reverse=True)[:batch])
     return _for_model(p.model, p.config, batch=batch, seq_len=max(seq_len - 1, 1),
                       loss_chunk=cfg.loss_chunk, grad_checkpoint=grad_checkpoint, targets=targets)
 

@@ -16,7 +16,7 @@ import unicodedata
 from collections import Counter
 
 TEXT_METRICS = ("exact", "f1", "rougeL")
-ALL_METRICS = ("loss", "exact", "f1", "rougeL", "json", "classification")
+ALL_METRICS = ("loss", "exact", "f1", "rougeL", "json", "classification", "preference")
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 _ASCII_PUNCT = set(string.punctuation)
 

@@ -290,6 +290,12 @@ def _examples(tokenizer, splits: dict, recipe: recipes.Recipe, images: bool = Fa
 
     d = recipe.data
     notes = {"truncated": 0, "dropped": 0, "held_out": 0}
+    pairs = recipe.train.objective != "sft"
+    if pairs and (images or d.pack):
+        raise UserError(f"train.objective {recipe.train.objective} trains on text preference pairs, one per row",
+                        where="train.objective", hint="set data.pack: false (and train images with sft)")
+    if pairs and not (recipe.train.beta > 0 and recipe.train.orpo_lambda >= 0):
+        raise UserError("train.beta must be > 0 and train.orpo_lambda >= 0", where="train.beta")
 
     def encode(rows):
         out = []
@@ -299,7 +305,7 @@ def _examples(tokenizer, splits: dict, recipe: recipes.Recipe, images: bool = Fa
                     raise InputError("image / audio fine-tuning needs chat rows (messages)", where=row.where)
                 encoded = multimodal.encode_row(tokenizer, row, d.mask_prompt, d.reasoning)
             else:  # one per turn on 26B/31B templates and for rows with reasoning
-                encoded = data.encode_row(tokenizer, row, d.mask_prompt, d.reasoning)
+                encoded = data.encode_row(tokenizer, row, d.mask_prompt, d.reasoning, pairs=pairs)
             for ex in encoded:
                 fitted = data.fit_length(ex, d.max_seq_length, d.overlong)
                 if fitted is None:

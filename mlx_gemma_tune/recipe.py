@@ -89,6 +89,12 @@ class TrainConfig:
                                                 "its activations (much less memory, 15-30% slower steps measured); null = only "
                                                 "when the memory estimate exceeds the machine's budget.")
     val_batches: int | None = _f(None, "Limit each validation to this many batches; null = all.")
+    objective: str = _f("sft", "sft: next-token loss on the answers; dpo / orpo: preference pairs (prompt, chosen, "
+                        "rejected), see README 'Preference tuning'.", ("sft", "dpo", "orpo"))
+    beta: float = _f(0.1, "dpo: DPO's beta, how far from the reference the tuned model may move (IPO: its tau).")
+    dpo_loss: str = _f("sigmoid", "dpo: sigmoid (DPO) or ipo (IPO, per-token average log-probabilities).",
+                       ("sigmoid", "ipo"))
+    orpo_lambda: float = _f(0.1, "orpo: ORPO's lambda, the odds-ratio term's weight beside the chosen answers' loss.")
     memory_guard: bool = _f(True, "Refuse to start when the estimated peak memory (with gradient checkpointing "
                                   "where it is allowed) exceeds this machine's budget; false starts anyway.")
 

@@ -63,7 +63,7 @@ class TrainReport:
     step: int
     total_steps: int
     epoch: int  # 1-based
-    loss: float  # mean loss (nats per target token) over the steps since the last report
+    loss: float  # mean loss over the steps since the last report (sft: nats per target token; dpo / orpo: per pair)
     smoothed_loss: float  # exponential moving average (trainer.EMA) of the step losses
     lr: float
     tokens_per_sec: float  # target tokens per second since the last report
@@ -71,9 +71,13 @@ class TrainReport:
     peak_memory_gb: float  # MLX's peak memory, GB (1e9 bytes)
     grad_norm: float  # of the last step, before clipping
     best_val_loss: float | None = None  # shown by the dashboard, not written to metrics.jsonl
+    # dpo / orpo: means over the pairs since the last report (preference.STATS: reward_accuracy 0..1,
+    # reward_margin, chosen_reward, rejected_reward in nats x beta; chosen_logp, rejected_logp in nats)
+    preference: dict | None = None
 
     def record(self) -> dict:
-        return {"type": "train"} | {k: v for k, v in asdict(self).items() if k != "best_val_loss"}
+        out = {k: v for k, v in asdict(self).items() if k not in ("best_val_loss", "preference")}
+        return {"type": "train"} | out | (self.preference or {})
 
 
 @dataclass
@@ -84,9 +88,11 @@ class ValReport:
     best_val_loss: float
     best_step: int
     improved: bool
+    preference: dict | None = None  # dpo / orpo: preference.STATS over the held-out pairs (as TrainReport)
 
     def record(self) -> dict:
-        return {"type": "val"} | asdict(self)
+        return {"type": "val"} | {k: v for k, v in asdict(self).items() if k != "preference"} | {
+            f"val_{k}": v for k, v in (self.preference or {}).items()}
 
 
 @dataclass

@@ -38,7 +38,9 @@ def make_step(model, optimizer, max_grad_norm: float | None = None, *, compile: 
     so the step equals one process running the global batch; loss and norm are global.
     Nothing is updated when the loss or the gradient norm is not finite. compile: the loss and
     gradient computation runs under mx.compile (the same numbers, tests/test_packing.py). loss: the
-    objective (train_state.LossFunction), losses.masked_cross_entropy by default.
+    objective (train_state.LossFunction), losses.masked_cross_entropy by default; a loss that returns a
+    third value (statistics, summed over micro-batches and ranks like the loss) leaves their sums of
+    the last step in step.aux (None otherwise).
     """
     import mlx.core as mx
     import mlx.nn as nn
@@ -48,6 +50,7 @@ def make_step(model, optimizer, max_grad_norm: float | None = None, *, compile: 
     from mlx_gemma_tune import distributed
 
     world = world or distributed.SINGLE
+    n_stats = len(getattr(loss, "stats", ()))  # statistics a loss returns beside its value
     value_and_grad = nn.value_and_grad(model, loss or losses.masked_cross_entropy)  # (token-loss sum, count)
 
     def plain(inputs, targets, mask, idx, weights):
@@ -68,24 +71,30 @@ def make_step(model, optimizer, max_grad_norm: float | None = None, *, compile: 
     dummy = mx.zeros((1,), dtype=mx.int32), mx.zeros((1,))
 
     def step(micro_batches):
-        grads, total, count = None, mx.array(0.0), mx.array(0.0)
+        grads, total, count, aux = None, mx.array(0.0), mx.array(0.0), None
         for inputs, targets, mask, *rest in micro_batches:
             segments, extra = (list(rest) + [None, None])[:2]
             selected = losses.select_targets(mask, chunk) if chunk else dummy
             if extra:
-                (s, n), g = with_images(inputs, targets, mask, extra, *selected)
+                out, g = with_images(inputs, targets, mask, extra, *selected)
             elif segments is None:
-                (s, n), g = plain(inputs, targets, mask, *selected)
+                out, g = plain(inputs, targets, mask, *selected)
             else:
-                (s, n), g = packed(inputs, targets, mask, segments, *selected)
+                out, g = packed(inputs, targets, mask, segments, *selected)
+            s, n = out[0], out[1]
+            if len(out) > 2:  # a loss with statistics (preference.PreferenceLoss): summed like the loss
+                aux = out[2] if aux is None else aux + out[2]
             grads = g if grads is None else tree_map(mx.add, grads, g)
             total, count = total + s, count + n
-            mx.eval(grads, total, count)
+            mx.eval(grads, total, count, *([aux] if aux is not None else []))
         if world.distributed:
             if grads is None:  # no rows of this global batch fell to this rank
                 grads = tree_map(mx.zeros_like, model.trainable_parameters())
             grads = tree_map(lambda g: g * world.size, nn.average_gradients(grads, group=world.group))
             total, count = distributed.all_sum(total, world), distributed.all_sum(count, world)
+            if n_stats:
+                aux = distributed.all_sum(aux if aux is not None else mx.zeros((n_stats,)), world)
+        step.aux = None if aux is None else [float(a) for a in aux]  # sums over this step's pairs
         denom = mx.maximum(count, 1.0)
         grads = tree_map(lambda g: g / denom, grads)
         loss = total / denom
@@ -98,6 +107,7 @@ def make_step(model, optimizer, max_grad_norm: float | None = None, *, compile: 
         mx.eval(model.trainable_parameters(), optimizer.state)
         return loss_f, int(count), norm_f, True
 
+    step.aux = None
     return step
 
 

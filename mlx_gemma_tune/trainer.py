@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlx_gemma_tune import preference
 from mlx_gemma_tune.errors import OutputError, UserError
 from mlx_gemma_tune.train_state import (
     Control,
@@ -56,6 +57,8 @@ class _Window:
     tokens: int = 0
     steps: int = 0
     t: float = field(default_factory=time.perf_counter)
+    stats: list | None = None  # preference: summed preference.STATS
+    pairs: int = 0
 
 
 class _Loop:
@@ -71,8 +74,13 @@ class _Loop:
         self.p, self.world, self.cfg, self.cb, self.control = p, p.world, p.recipe.train, callback, control
         cfg = self.cfg
         self.model, self.run_dir = p.model, Path(p.run_dir)
-        # plan: the batches of an epoch and the number of steps
-        self.lengths = [len(e.tokens) for e in p.train]
+        self.objective = preference.objective_of(cfg)  # None: sft
+        if self.objective is not None and loss is None:
+            loss = preference.PreferenceLoss(self.objective)
+        self.reference = self.valid_reference = None  # dpo: the pairs' reference log-probabilities (N, 2)
+        # plan: the batches of an epoch and the number of steps (a pair counts as its longer answer)
+        self.lengths = [max(len(e.tokens), len(e.rejected.tokens)) if e.rejected is not None else len(e.tokens)
+                        for e in p.train]
         self.bins, self.n_batches, self.steps_per_epoch, self.total = plan(self.lengths, p.recipe)
         warmup = round(cfg.warmup_ratio * self.total)
         self.optimizer = optim.AdamW(learning_rate=lr_schedule(cfg.lr, cfg.schedule, warmup, self.total),
@@ -119,6 +127,8 @@ class _Loop:
             grad_checkpoint=bool(self.checkpointing), memory_estimate_gb=self.estimate.total_gb,
             memory_budget_gb=self.estimate.budget_gb, device=_device()))
         started = time.monotonic()
+        if self.objective is not None and self.objective.needs_reference:
+            self._reference()
         previous_handler = _install_sigint(self.control)
         previous_limit = _cap_memory(self.estimate.budget_gb if self.cfg.memory_guard else None)
         self.model.train()
@@ -147,6 +157,22 @@ class _Loop:
             self.model.eval()
         return self._finish(started)
 
+    def _reference(self) -> None:
+        """DPO's reference log-probabilities: computed by the model as the run starts (a new adapter is the
+        identity: the base model; lora.init_from: that adapter), kept in the run for --resume."""
+        p = self.p
+        if p.resume_from is not None and (self.run_dir / preference.REFERENCE_FILE).is_file():
+            self.reference, self.valid_reference = preference.load_reference(self.run_dir)
+            return
+        self.model.eval()
+        batch = max(1, self.cfg.batch_size)
+        self.reference = preference.reference_logps(self.model, p.train, batch, self.cfg.loss_chunk)
+        self.valid_reference = (preference.reference_logps(self.model, p.valid, batch, self.cfg.loss_chunk)
+                                if p.valid else None)
+        self.model.train()
+        if self.world.main:
+            preference.save_reference(self.run_dir, self.reference, self.valid_reference)
+
     def _micro_batch(self, m: int):
         """The m-th micro-batch of the run (this rank's shard) and its epoch."""
         from mlx_gemma_tune import distributed, multimodal, packing
@@ -156,7 +182,14 @@ class _Loop:
         if epoch not in self.epoch_cache:
             self.epoch_cache.clear()
             self.epoch_cache[epoch] = epoch_batches(self.lengths, self.cfg.batch_size, self.cfg.seed, epoch, self.bins)
-        seqs = [[self.p.train[i] for i in seq] for seq in distributed.shard(self.epoch_cache[epoch][index], self.world)]
+        shard = distributed.shard(self.epoch_cache[epoch][index], self.world)
+        if self.objective is not None:  # preference pairs, one per sequence: chosen rows, then rejected rows
+            if not shard:
+                return [], epoch
+            idx = [seq[0] for seq in shard]
+            ref = None if self.reference is None else self.reference[idx]
+            return [preference.pair_batch([self.p.train[i] for i in idx], ref)], epoch
+        seqs = [[self.p.train[i] for i in seq] for seq in shard]
         if seqs and seqs[0][0].extra is not None:  # image rows: one row at a time (images differ in size)
             return [multimodal.batch(seq[0]) for seq in seqs], epoch
         return ([packing.batch_arrays(seqs)] if seqs else []), epoch
@@ -175,6 +208,11 @@ class _Loop:
         loss, count, norm, ok = self.step_fn(micro)
         if not ok:
             raise non_finite(step, loss, norm, str(self.last_ckpt) if self.last_ckpt else None)
+        if self.step_fn.aux is not None:  # preference statistics: sums over this step's pairs
+            w = self.window
+            w.stats = [a + b for a, b in zip(w.stats or [0.0] * len(self.step_fn.aux), self.step_fn.aux)]
+            w.pairs += count
+            count = int(sum(float(mb[2].sum()) for mb in micro))  # target tokens (this rank's), for the rates
         s = self.state
         s.step, s.tokens = step, s.tokens + count
         s.ema = loss if s.ema is None else EMA * s.ema + (1 - EMA) * loss
@@ -191,7 +229,9 @@ class _Loop:
                              smoothed_loss=self.state.ema, lr=float(self.optimizer.learning_rate),
                              tokens_per_sec=w.tokens / dt, it_per_sec=w.steps / dt,
                              peak_memory_gb=mx.get_peak_memory() / 1e9, grad_norm=norm,
-                             best_val_loss=self.state.best_val_loss)
+                             best_val_loss=self.state.best_val_loss,
+                             preference=(dict(zip(preference.STATS, (v / max(w.pairs, 1) for v in w.stats)))
+                                         if w.stats is not None else None))
         self.metrics.write(report.record())
         self.cb.on_train_report(report)
         self.window = _Window()
@@ -205,9 +245,16 @@ class _Loop:
         p, cfg, s = self.p, self.cfg, self.state
         self.model.eval()
         rows = p.valid if cfg.val_batches is None else p.valid[: cfg.val_batches * cfg.batch_size]
-        rows = distributed.shard(rows, self.world)
-        val, count = evaluate.dataset_loss(self.model, rows, max(1, cfg.batch_size // self.world.size))
-        if self.world.distributed:  # the token-weighted mean over every rank's rows
+        stats = None
+        if self.objective is not None:  # every rank scores every held-out pair (they are few)
+            ref = None if self.valid_reference is None else self.valid_reference[: len(rows)]
+            stats = preference.evaluate_pairs(self.model, rows, ref, self.objective, max(1, cfg.batch_size),
+                                              cfg.loss_chunk)
+            val = stats.pop("loss")
+        else:
+            rows = distributed.shard(rows, self.world)
+            val, count = evaluate.dataset_loss(self.model, rows, max(1, cfg.batch_size // self.world.size))
+        if self.world.distributed and self.objective is None:  # the token-weighted mean over every rank's rows
             sums = distributed.all_sum(mx.array([val * count if count else 0.0, float(count)]), self.world)
             val = float(sums[0] / sums[1]) if float(sums[1]) else float("nan")
         self.model.train()
@@ -217,7 +264,7 @@ class _Loop:
         else:
             s.bad_evals += 1
         report = ValReport(step=step, val_loss=val, best_val_loss=s.best_val_loss, best_step=s.best_step,
-                           improved=improved)
+                           improved=improved, preference=stats)
         self.metrics.write(report.record())
         self.cb.on_val_report(report)
         if improved:  # the best adapter is the run's adapter: checkpoint it and publish it

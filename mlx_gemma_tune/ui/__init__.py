@@ -92,7 +92,7 @@ def stage(message: str) -> None:
 
 
 def show_eval(r) -> None:
-    labels = list(r.scores) or list(r.loss or {})
+    labels = list(r.scores) or list(r.loss or {}) or sorted(r.preference or {})  # "base" before "tuned"
     t = Table(title=f"{r.data} ({r.rows} rows)", title_justify="left")
     t.add_column("metric")
     for label in labels:
@@ -103,6 +103,10 @@ def show_eval(r) -> None:
     for key in ("loss", "perplexity"):
         if r.loss:
             t.add_row(key, *[f"{r.loss[label][key]:.4f}" if label in r.loss else "" for label in labels])
+    for key in ("reward_accuracy", "implicit_reward_accuracy", "reward_margin", "chosen_logp", "rejected_logp"):
+        if r.preference and any(key in r.preference.get(label, {}) for label in labels):
+            t.add_row(key.replace("_", " "), *[f"{r.preference[label][key]:.3f}" if key in r.preference.get(label, {})
+                                              else "" for label in labels])
     if r.classification:
         t.add_row("accuracy", *[f"{r.classification[label]['accuracy']:.3f}" for label in labels])
         t.add_row("macro F1", *[f"{r.classification[label]['macro_f1']:.3f}" for label in labels])
