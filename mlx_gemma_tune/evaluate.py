@@ -249,13 +249,15 @@ def evaluate(model_or_run: str, data_path: str, *, metrics: tuple[str, ...] = ("
         from mlx_gemma_tune import judge as J
 
         j = J.Judge(judge_model)
-        report.judge = {}
+        report.judge, verdicts = {}, {}
         for label, preds in answers.items():
-            verdicts = []
+            verdicts[label] = []
             for i, (pred, (_r, msgs, ref)) in enumerate(zip(preds, items)):
-                verdicts.append(j.score(msgs[-1]["content"], ref, pred))
-                rows_out[i][f"judge_{label}"] = verdicts[-1]
-            report.judge[label] = J.summarize(verdicts)
+                verdicts[label].append(j.score(msgs[-1]["content"], ref, pred))
+                rows_out[i][f"judge_{label}"] = verdicts[label][-1]
+            report.judge[label] = J.summarize(verdicts[label])
+        if compare:  # the tuned model's wins over its base, row by row
+            report.judge["tuned"]["vs_base"] = J.win_rate(verdicts["tuned"], verdicts["base"])
     if compare and rows_out:
         key = "f1" if "f1" in text_metrics else (text_metrics[0] if text_metrics else None)
         if key and key in rows_out[0]["scores_tuned"]:

@@ -75,3 +75,13 @@ def summarize(judgements: list[dict]) -> dict:
     for key in CRITERIA + ("overall",):
         out[key] = sum(j[key] for j in parsed) / len(parsed) if parsed else None
     return out
+
+
+def win_rate(tuned: list[dict], base: list[dict]) -> dict:
+    """Head to head on the same rows (seed 002's comparison): {"rows": compared (both parsed), "wins",
+    "ties", "losses": rows where the tuned answer's overall score is above / equal to / below the base's,
+    "win_rate": (wins + ties / 2) / rows, or None when no row could be compared}."""
+    pairs = [(t["overall"], b["overall"]) for t, b in zip(tuned, base) if t.get("parsed") and b.get("parsed")]
+    wins, ties = sum(t > b for t, b in pairs), sum(t == b for t, b in pairs)
+    return {"rows": len(pairs), "wins": wins, "ties": ties, "losses": len(pairs) - wins - ties,
+            "win_rate": (wins + ties / 2) / len(pairs) if pairs else None}

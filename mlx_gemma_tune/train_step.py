@@ -62,12 +62,17 @@ def make_step(model, optimizer, max_grad_norm: float | None = None, *, compile: 
     def with_images(inputs, targets, mask, extra, idx, weights):  # not compiled: image sizes vary row to row
         return value_and_grad(model, inputs, targets, mask, None, chunk, (idx, weights), True, extra)
 
+    def with_reference(inputs, targets, mask, reference, idx, weights):  # DPO pairs (preference.pair_batch)
+        return value_and_grad(model, inputs, targets, mask, None, chunk, (idx, weights), True,
+                              {"reference": reference})
+
     if compile:
         # value_and_grad puts its (traced) parameters into the model, and dropout advances the
         # random state: both are outputs too, as in mlx-lm's compiled step
         state = [model.state, mx.random.state]
         plain = mx.compile(plain, inputs=state, outputs=state)
         packed = mx.compile(packed, inputs=state, outputs=state)
+        with_reference = mx.compile(with_reference, inputs=state, outputs=state)
     dummy = mx.zeros((1,), dtype=mx.int32), mx.zeros((1,))
 
     def step(micro_batches):
@@ -75,7 +80,9 @@ def make_step(model, optimizer, max_grad_norm: float | None = None, *, compile: 
         for inputs, targets, mask, *rest in micro_batches:
             segments, extra = (list(rest) + [None, None])[:2]
             selected = losses.select_targets(mask, chunk) if chunk else dummy
-            if extra:
+            if extra and set(extra) == {"reference"}:
+                out, g = with_reference(inputs, targets, mask, extra["reference"], *selected)
+            elif extra:
                 out, g = with_images(inputs, targets, mask, extra, *selected)
             elif segments is None:
                 out, g = plain(inputs, targets, mask, *selected)

@@ -212,7 +212,14 @@ class _Loop:
             w = self.window
             w.stats = [a + b for a, b in zip(w.stats or [0.0] * len(self.step_fn.aux), self.step_fn.aux)]
             w.pairs += count
-            count = int(sum(float(mb[2].sum()) for mb in micro))  # target tokens (this rank's), for the rates
+            count = sum(float(mb[2].sum()) for mb in micro)  # target tokens, for the rates
+            if self.world.distributed:
+                import mlx.core as mx
+
+                from mlx_gemma_tune import distributed
+
+                count = float(distributed.all_sum(mx.array(count), self.world))
+            count = int(count)
         s = self.state
         s.step, s.tokens = step, s.tokens + count
         s.ema = loss if s.ema is None else EMA * s.ema + (1 - EMA) * loss

@@ -140,3 +140,24 @@ def test_doctor_reports_the_world_size_under_mlx_launch(setup):
     worlds = sorted((r["distributed"]["rank"], r["distributed"]["size"])
                     for r in json.loads("[" + out.replace("}\n{", "},{") + "]"))
     assert worlds == [(0, 2), (1, 2)]
+
+
+def test_two_ranks_train_the_single_process_dpo_adapter(setup, tmp_path):
+    """DPO under mlx.launch: each rank scores its shard of every global batch of pairs against the
+    reference log-probabilities all ranks computed alike; the adapter equals one process's."""
+    root, _, _, _, model, _ = setup
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Question {i}?", "chosen": f"Answer {i}" + "!" * (i % 3),
+                                         "rejected": "No " * (1 + i % 4)}) + "\n" for i in range(20)))
+    sets = ["train.objective=dpo", "train.iters=6", "train.batch_size=4", "train.report_every=1", "train.eval_every=3",
+            "data.valid_fraction=0.2", "lora.rank=4", "lora.dropout=0.0", "train.lr=1e-4"]
+    args = ["train", "--model", model, "--data", pairs] + [a for s in sets for a in ("--set", s)]
+    single = tmp_path / "single"
+    assert run_cli(args + ["-o", single]).exit_code == 0
+    init = initial_adapter(model=str(model), data=str(pairs), out=str(tmp_path / "init"), sets=sets)
+    proc = _launch(setup, args + ["-o", tmp_path / "dist", "--distributed"], tmp_path / "logs")
+    _, err = _finish(proc, 300)
+    assert proc.returncode == 0 and (tmp_path / "dist" / "summary.json").is_file(), err
+    assert_same_training(tmp_path / "dist", single, init, REORDERED_RTOL)
+    records = [json.loads(x) for x in (tmp_path / "dist" / "metrics.jsonl").read_text().splitlines()]
+    assert all("reward_margin" in r for r in records if r["type"] == "train")

@@ -56,6 +56,28 @@ def test_judge_runs_end_to_end_with_a_fixture_judge(trained_run, hf_model, tmp_p
         assert verdict["parsed"] or (verdict["attempts"] == 2 and "raw" in verdict)
 
 
+def test_judge_win_rate_counts_rows_both_answers_were_scored_on():
+    from mlx_gemma_tune import judge
+
+    def v(overall):
+        return {"parsed": overall is not None, "overall": overall}
+
+    tuned = [v(8), v(5), v(3), v(9), v(None), v(7)]
+    base = [v(6), v(5), v(4), v(2), v(5), v(None)]
+    assert judge.win_rate(tuned, base) == {"rows": 4, "wins": 2, "ties": 1, "losses": 1, "win_rate": 2.5 / 4}
+    assert judge.win_rate([v(None)], [v(3)])["win_rate"] is None
+
+
+def test_judge_compare_reports_the_head_to_head(trained_run, hf_model, tmp_path):
+    res = run_cli(["eval", trained_run("gemma3_text"), "--data", _data(tmp_path), "--judge", hf_model("gemma4_edge"),
+                   "--compare", "--max-tokens", "4", "--json"])
+    assert res.exit_code == 0, res.output
+    j = json.loads(res.stdout)["judge"]
+    head = j["tuned"]["vs_base"]
+    parsed_both = min(j["tuned"]["parsed"], j["base"]["parsed"])
+    assert head["rows"] <= parsed_both and head["wins"] + head["ties"] + head["losses"] == head["rows"]
+
+
 def test_rows_without_reference(hf_model, tmp_path):
     path = tmp_path / "text.jsonl"
     path.write_text('{"text": "just some text"}\n')

@@ -230,3 +230,22 @@ def test_eval_preference_reports_reward_accuracy(hf_model, tmp_path):
     res = run_cli(["eval", run, "--data", data, "--metric", "preference"])
     assert "reward accuracy" in res.stdout and "1.000" in res.stdout
     shutil.rmtree(run)
+
+
+@pytest.mark.parametrize("variant", ["qlora", "dora"])
+def test_dpo_trains_qlora_and_dora(variant, hf_model, tmp_path):
+    model = hf_model("gemma4_edge")
+    sets = []
+    if variant == "qlora":
+        from mlx_gemma_tune.convert import convert
+
+        convert(str(model), tmp_path / "q4", quantize=4)
+        model = tmp_path / "q4"
+    else:
+        sets = ["--set", "lora.method=dora"]
+    run = tmp_path / "run"
+    res = run_cli(["train", "--model", model, "--data", _data(tmp_path), "-o", run, "--set", "train.objective=dpo",
+                   *SETS, *sets])
+    assert res.exit_code == 0, res.output
+    train = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["type"] == "train"]
+    assert train[-1]["reward_margin"] > train[0]["reward_margin"] and train[-1]["loss"] < train[0]["loss"]

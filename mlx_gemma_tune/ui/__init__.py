@@ -114,6 +114,11 @@ def show_eval(r) -> None:
         t.add_row("judge overall", *[("-" if r.judge[label]["overall"] is None else f"{r.judge[label]['overall']:.2f}")
                                     for label in labels])
         t.add_row("judge unparsable", *[str(r.judge[label]["unparsable"]) for label in labels])
+        head = r.judge.get("tuned", {}).get("vs_base")
+        if head and head["win_rate"] is not None:
+            t.add_row("judge win rate", *["" if label != "tuned" else
+                                          f"{head['win_rate']:.0%} ({head['wins']}-{head['ties']}-{head['losses']})"
+                                          for label in labels])
     out.print(t)
     for row in r.differ_most or []:
         out.print(f"{row['where']}: {row['prompt']}\n  base:  {row['answer_base']}\n  tuned: {row['answer_tuned']}\n"
