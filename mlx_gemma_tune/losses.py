@@ -134,9 +134,10 @@ def _chunked_head_loss(linear, cap, chunk: int, grad: bool):
     return lambda h, t, w: loss(h, t, w)[0]
 
 
-def token_losses(linear, cap, chunk: int = DEFAULT_CHUNK):
+def token_losses(linear, cap, chunk: int = DEFAULT_CHUNK, grad: bool = True):
     """(h (M, D), targets (M,)) -> each target token's cross-entropy (M,) float32, one slice of `chunk`
-    logits at a time; differentiable with respect to h for any cotangent (M,).
+    logits at a time; differentiable with respect to h for any cotangent (M,). grad=False (scoring
+    only: reference log-probabilities, evaluation) skips the per-slice gradients and costs half.
 
     Like _chunked_head_loss, each slice's gradient d ce_i / d h_i is made in the forward pass while
     its logits exist and kept (M x D, the size of h); the backward pass scales row i by the
@@ -153,6 +154,18 @@ def token_losses(linear, cap, chunk: int = DEFAULT_CHUNK):
             d = d * (1.0 - mx.square(z / cap))
         _, (dh,) = mx.vjp(linear, [h], [d.astype(h.dtype)])
         return ce, dh
+
+    def forward_only(h, t):
+        values, prev = [], None
+        for s in range(0, h.shape[0], chunk):
+            hs = h[s:s + chunk] if prev is None else mx.depends(h[s:s + chunk], prev)
+            z = head_logits(linear, cap, hs)
+            prev = mx.logsumexp(z, axis=-1) - mx.take_along_axis(z, t[s:s + chunk, None], axis=-1)[:, 0]
+            values.append(prev)
+        return mx.concatenate(values)
+
+    if not grad:
+        return forward_only
 
     @mx.custom_function
     def per_token(h, t):

@@ -75,7 +75,7 @@ def row_logps(model, inputs, targets, mask, chunk: int | None = losses.DEFAULT_C
     hidden = hidden_fn(inputs)
     idx, weights = selected if selected is not None else losses.select_targets(mask, chunk)
     h = hidden.reshape(-1, hidden.shape[-1])[idx]
-    ce = losses.token_losses(linear, cap, chunk)(h, targets.reshape(-1)[idx])  # (M,)
+    ce = losses.token_losses(linear, cap, chunk, grad)(h, targets.reshape(-1)[idx])  # (M,)
     owner = (idx // length)[:, None] == mx.arange(rows)[None, :]  # (M, R): which row each target is in
     return -((ce * weights)[None, :] @ owner.astype(mx.float32))[0], counts
 
@@ -150,14 +150,17 @@ def pair_batch(pairs: list, reference=None):
     return inputs, targets, mask, None, extra
 
 
-def reference_logps(model, examples: list, batch_size: int, chunk: int | None = losses.DEFAULT_CHUNK):
+def reference_logps(model, examples: list, batch_size: int, chunk: int | None = losses.DEFAULT_CHUNK,
+                    progress=None):
     """(N, 2) float32 numpy: the summed log-probabilities of each pair's chosen and rejected answer under
-    `model` as it is now (evaluation mode, no dropout)."""
+    `model` as it is now (evaluation mode, no dropout); progress(pairs done) after each batch."""
     import mlx.core as mx
     import numpy as np
 
     out = np.zeros((len(examples), 2), dtype=np.float32)
     for s in range(0, len(examples), batch_size):
+        if progress:
+            progress(s)
         part = examples[s: s + batch_size]
         inputs, targets, mask, _, _ = pair_batch(part)
         logps, _ = row_logps(model, inputs, targets, mask, chunk)

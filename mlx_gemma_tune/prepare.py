@@ -296,6 +296,9 @@ def _examples(tokenizer, splits: dict, recipe: recipes.Recipe, images: bool = Fa
                         where="train.objective", hint="set data.pack: false (and train images with sft)")
     if pairs and not (recipe.train.beta > 0 and recipe.train.orpo_lambda >= 0):
         raise UserError("train.beta must be > 0 and train.orpo_lambda >= 0", where="train.beta")
+    if not pairs and recipe.train.early_stopping_metric == "reward_accuracy":
+        raise UserError("reward_accuracy is a preference metric: it needs train.objective dpo or orpo",
+                        where="train.early_stopping_metric", hint="use loss, or train preference pairs")
 
     def encode(rows):
         out = []

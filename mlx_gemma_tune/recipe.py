@@ -82,6 +82,8 @@ class TrainConfig:
     keep_checkpoints: int = _f(3, "How many recent checkpoints to keep (the best one is kept as well).")
     early_stopping_patience: int | None = _f(None, "Stop after this many validations without a new "
                                                         "best validation loss; null = never stop early.")
+    early_stopping_metric: str = _f("loss", "What the best adapter and early stopping follow: the validation loss, "
+                                    "or (dpo / orpo) the held-out reward accuracy.", ("loss", "reward_accuracy"))
     compile: bool = _f(True, "Compile the training step with mx.compile (faster); false to debug.")
     loss_chunk: int | None = _f(256, "Target tokens per slice of logits in the chunked loss (full logits are "
                                           "never held); null = the plain loss over full logits.")

@@ -12,7 +12,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
 # The loss a training step differentiates: (model, inputs, targets, mask, segments, chunk, selected, grad,
-# extra=None) -> (sum of the per-token losses, number of target tokens), both mlx scalars. The default
+# extra=None) -> (sum of the per-token losses, number of target tokens), both mlx scalars, and optionally
+# a third, statistics summed like the loss (preference.PreferenceLoss: per pair, not per token). The default
 # is losses.masked_cross_entropy (next-token cross-entropy on the masked tokens, chunked over the
 # vocabulary); another objective plugs in here without touching the loop.
 LossFunction = Callable[..., tuple]
@@ -29,6 +30,7 @@ class TrainState:
     metrics_lines: int = 0  # metrics.jsonl lines written up to this checkpoint (a resume truncates to them)
     tokens: int = 0  # target tokens trained on
     adapter_from_step: int | None = None  # the step whose adapter is the run's adapter
+    best_reward_accuracy: float | None = None  # dpo / orpo with train.early_stopping_metric reward_accuracy
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -119,6 +121,9 @@ class TrainCallback:
 
     def on_start(self, start: RunStart) -> None:
         """Once, before the first step."""
+
+    def on_reference(self, done: int, total: int) -> None:
+        """DPO, before the first step: the reference model has scored `done` of `total` pairs (from 0)."""
 
     def on_train_report(self, report: TrainReport) -> None:
         """Every train.report_every steps and at the last step."""

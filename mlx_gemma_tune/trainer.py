@@ -165,10 +165,14 @@ class _Loop:
             self.reference, self.valid_reference = preference.load_reference(self.run_dir)
             return
         self.model.eval()
-        batch = max(1, self.cfg.batch_size)
-        self.reference = preference.reference_logps(self.model, p.train, batch, self.cfg.loss_chunk)
-        self.valid_reference = (preference.reference_logps(self.model, p.valid, batch, self.cfg.loss_chunk)
-                                if p.valid else None)
+        batch, total = max(1, self.cfg.batch_size), len(p.train) + len(p.valid)
+        self.reference = preference.reference_logps(self.model, p.train, batch, self.cfg.loss_chunk,
+                                                    lambda done: self.cb.on_reference(done, total))
+        self.valid_reference = (preference.reference_logps(
+            self.model, p.valid, batch, self.cfg.loss_chunk, lambda done: self.cb.on_reference(len(p.train) + done,
+                                                                                               total))
+            if p.valid else None)
+        self.cb.on_reference(total, total)
         self.model.train()
         if self.world.main:
             preference.save_reference(self.run_dir, self.reference, self.valid_reference)
@@ -265,7 +269,14 @@ class _Loop:
             sums = distributed.all_sum(mx.array([val * count if count else 0.0, float(count)]), self.world)
             val = float(sums[0] / sums[1]) if float(sums[1]) else float("nan")
         self.model.train()
-        improved = s.best_val_loss is None or val < s.best_val_loss
+        if cfg.early_stopping_metric == "reward_accuracy" and stats is not None:  # higher is better; ties: loss
+            acc = stats["reward_accuracy"]
+            improved = s.best_reward_accuracy is None or acc > s.best_reward_accuracy or (
+                acc == s.best_reward_accuracy and val < s.best_val_loss)
+            if improved:
+                s.best_reward_accuracy = acc
+        else:
+            improved = s.best_val_loss is None or val < s.best_val_loss
         if improved:
             s.best_val_loss, s.best_step, s.bad_evals = val, step, 0
         else:

@@ -145,7 +145,7 @@ def test_doctor_reports_the_world_size_under_mlx_launch(setup):
 def test_two_ranks_train_the_single_process_dpo_adapter(setup, tmp_path):
     """DPO under mlx.launch: each rank scores its shard of every global batch of pairs against the
     reference log-probabilities all ranks computed alike; the adapter equals one process's."""
-    root, _, _, _, model, _ = setup
+    _, _, _, _, model, _ = setup
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": f"Question {i}?", "chosen": f"Answer {i}" + "!" * (i % 3),
                                          "rejected": "No " * (1 + i % 4)}) + "\n" for i in range(20)))

@@ -109,6 +109,7 @@ def test_a_few_steps_raise_the_reward_margin_and_metrics_are_written(objective, 
                    "--set", f"train.objective={objective}", *SETS])
     assert res.exit_code == 0, res.output
     assert "reward acc" in res.stdout
+    assert ("Scoring 12 pairs with the reference model" in res.stdout) == (objective == "dpo")
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["type"] == "train"]
     val = [r for r in records if r["type"] == "val"]
@@ -249,3 +250,35 @@ def test_dpo_trains_qlora_and_dora(variant, hf_model, tmp_path):
     assert res.exit_code == 0, res.output
     train = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["type"] == "train"]
     assert train[-1]["reward_margin"] > train[0]["reward_margin"] and train[-1]["loss"] < train[0]["loss"]
+
+
+@pytest.mark.parametrize("metric,best,stopped", [("reward_accuracy", 2, 6), ("loss", 8, 8)])
+def test_best_adapter_and_early_stopping_follow_the_chosen_metric(metric, best, stopped, hf_model, tmp_path,
+                                                                  monkeypatch):
+    """Scripted validations (loss falls while reward accuracy falls): the best step and the stop follow
+    train.early_stopping_metric."""
+    from mlx_gemma_tune import preference
+
+    script = iter([(0.6, 0.75), (0.5, 0.5), (0.4, 0.5), (0.3, 0.25)])
+
+    def scripted(*args, **kwargs):
+        loss, acc = next(script)
+        return {"loss": loss} | {k: 0.0 for k in preference.STATS} | {"reward_accuracy": acc}
+
+    monkeypatch.setattr(preference, "evaluate_pairs", scripted)
+    run = tmp_path / "run"
+    res = run_cli(["train", "--model", hf_model("gemma3_text"), "--data", _data(tmp_path), "-o", run,
+                   "--set", "train.objective=dpo", "--set", "train.iters=8", "--set", "train.eval_every=2",
+                   "--set", "train.early_stopping_patience=2", "--set", f"train.early_stopping_metric={metric}",
+                   "--set", "train.lr=1e-4", "--set", "train.batch_size=2"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best_step"] == best and summary["adapter_from_step"] == best
+    assert summary["steps"] == stopped
+
+
+def test_reward_accuracy_needs_a_preference_objective(hf_model, tmp_path):
+    assert_one_line_error(run_cli(["train", "--model", hf_model("gemma3_text"), "--data", _data(tmp_path), "-o",
+                                   tmp_path / "r", "--set", "train.early_stopping_metric=reward_accuracy"]),
+                          "train.early_stopping_metric", "dpo or orpo")
+    assert not (tmp_path / "r").exists()

@@ -10,6 +10,8 @@ Six small tasks, each with train/valid/test splits and a README:
   dolly          instruction/context/response rows in Dolly-15k's format (seed 003)
   tool_calling   a question -> a call to one of three tools, its result, an answer from it (OpenAI
                  tools / tool_calls / tool messages; Gemma 4)
+  extraction_preferences  the extraction task as preference pairs: the exact JSON (chosen) against one
+                 with a typical flaw (rejected), for DPO / ORPO (seed 002's better-worse pairs)
 """
 
 from __future__ import annotations
@@ -248,8 +250,33 @@ def tool_calling(rng: random.Random) -> dict:
         {"role": "assistant", "content": answer}]}
 
 
+FLAWS = ("age", "city", "missing_job", "prose", "first_name", "fence")
+
+
+def extraction_preferences(rng: random.Random) -> dict:
+    """An extraction row as a pair: the exact JSON against the same JSON with one flaw a model makes."""
+    row = extraction(rng)
+    context, answer = row["messages"][:2], row["messages"][2]["content"]
+    fields = json.loads(answer)
+    flaw = rng.choice(FLAWS)
+    if flaw == "age":
+        fields["age"] += rng.choice([-1, 1]) * rng.randint(1, 9)
+    elif flaw == "city":
+        fields["city"] = rng.choice([c for c in CITIES if c != fields["city"]])
+    elif flaw == "missing_job":
+        del fields["job"]
+    elif flaw == "first_name":
+        fields["name"] = fields["name"].split()[0]
+    rejected = json.dumps(fields)
+    if flaw == "prose":
+        rejected = f"Sure! Here is the information you asked for: {answer}"
+    elif flaw == "fence":
+        rejected = f"```json\n{answer}\n```"
+    return {"messages": context, "chosen": answer, "rejected": rejected}
+
+
 TASKS = {"extraction": extraction, "text_to_sql": text_to_sql, "movie_reviews": movie_review, "support": support,
-         "dolly": dolly, "tool_calling": tool_calling}
+         "dolly": dolly, "tool_calling": tool_calling, "extraction_preferences": extraction_preferences}
 
 
 def build(task: str) -> dict[str, list[dict]]:

@@ -50,6 +50,7 @@ class TrainDashboard(TrainCallback):
         self.start_step = 0
         self.started = time.monotonic()
         self.estimate_gb: float | None = None  # the run's memory estimate, in GB like the measured peak
+        self.reference: tuple[int, int] | None = None  # DPO: (pairs scored, pairs) by the reference model
 
     # -- context ------------------------------------------------------------------------------
     def __enter__(self):
@@ -89,6 +90,17 @@ class TrainDashboard(TrainCallback):
             self.task = self.progress.add_task("train", total=self.total, completed=self.start_step)
             self.live = Live(self._render(), console=self.console, refresh_per_second=4)
             self.live.start()
+
+    def on_reference(self, done: int, total: int) -> None:
+        self.reference = (done, total)
+        if self.live is not None:
+            self.live.update(self._render())
+        elif done == 0:
+            self.console.print(f"Scoring {total} pairs with the reference model (once, before the first step; kept "
+                               "for --resume)", soft_wrap=True)
+        elif done == total:
+            self.console.print(f"reference log-probabilities ready ({duration(time.monotonic() - self.started)})",
+                               soft_wrap=True)
 
     def on_early_stop(self, step: int, best_step: int | None) -> None:
         self._line(f"early stop at step {step}: no better validation loss since step {best_step}")
@@ -139,6 +151,8 @@ class TrainDashboard(TrainCallback):
         t.add_column(style="bold")
         t.add_column()
         last = self.last
+        if self.reference is not None and self.reference[0] < self.reference[1]:
+            t.add_row("reference", f"scoring pairs {self.reference[0]}/{self.reference[1]} (once, before the first step)")
         if last:
             t.add_row("epoch", str(last.epoch))
             t.add_row("loss", f"{last.loss:.4f}  (smoothed {last.smoothed_loss:.4f})  {sparkline(self.losses)}")
