@@ -133,15 +133,31 @@ def convert(src, out, quantize, group_size, dtype, revision, force, multimodal, 
 @click.option("--recipe", "recipe_ref", default=None,
               help="With MODEL: estimate a training step's peak memory under this recipe (name or file).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a recipe field (repeatable).")
+@click.option("--plan", "plan_", is_flag=True,
+              help="With MODEL (a hub id, config.json or model directory; no weights needed): for each recipe made "
+                   "for it (or --recipe) and 8-64 GB Macs, whether training fits and what makes it fit.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def doctor(model, recipe_ref, sets, as_json):
+def doctor(model, recipe_ref, sets, plan_, as_json):
     """Check the environment: versions, MLX device and memory, BLAS speed, optional extras.
 
     With MODEL and --recipe: the predicted peak memory of training MODEL with that recipe,
-    term by term, against this machine's memory budget.
+    term by term, against this machine's memory budget. With MODEL and --plan: the same for
+    8 / 16 / 24 / 32 / 48 / 64 GB Macs, from the model's config alone.
     """
     from mlx_gemma_tune import ui
 
+    if plan_:
+        from mlx_gemma_tune import plan
+
+        if not model:
+            raise click.UsageError("--plan needs MODEL (e.g. google/gemma-4-E4B-it)")
+        with ui.status("Planning"):
+            result = plan.plan(model, plan.setups_for(model, [recipe_ref] if recipe_ref else None, tuple(sets)))
+        if as_json:
+            ui.print_json(result.to_dict())
+        else:
+            ui.show_plan(result)
+        return
     if model or recipe_ref:
         from mlx_gemma_tune import memory, prepare
 

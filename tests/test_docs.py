@@ -18,6 +18,12 @@ def test_recipe_reference_matches_schema():
     assert reference_table() in README
 
 
+def test_mac_size_plan_matches_the_shipped_configs():
+    from mlx_gemma_tune.plan import readme_table
+
+    assert readme_table() in README, "run scripts/update_readme.py"
+
+
 def test_every_command_in_the_readme_exists():
     shown = set(re.findall(r"mlx-gemma-tune ([a-z]+)", README))
     res = run_cli(["--help"])

@@ -156,7 +156,11 @@ def k_wide_run(tmp_path_factory):
     from fixtures import gemma_fixtures
 
     root = tmp_path_factory.mktemp("kwide")
-    model = gemma_fixtures.build_fixture("gemma3_text", root / "g3", text_overrides=K_WIDE)
+    return _short_run(gemma_fixtures.build_fixture("gemma3_text", root / "g3", text_overrides=K_WIDE), root)
+
+
+def _short_run(model, root):
+    """A 4-step LoRA of `model` on 8 question / answer rows: root / "run"."""
     data = root / "d.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Question {i}?", "completion": f"Answer {i}."}) + "\n"
                             for i in range(8)))
@@ -226,11 +230,7 @@ def test_base_plus_gguf_lora_equals_the_merged_gguf_and_k_quants_run(family, hf_
     model = hf_model(family)
     if family == "gemma3n":
         model = gemma_fixtures.build_fixture("gemma3n", tmp_path / "gemma3n", text_overrides=GEMMA3N_AS_LLAMA_CPP_EXPECTS)
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Question {i}?", "completion": f"Answer {i}."}) + "\n"
-                            for i in range(8)))
-    sets = ["--set", "train.lr=1e-2", "--set", "train.iters=4", "--set", "data.valid_fraction=0"]
-    assert run_cli(["train", "--model", model, "--data", data, "-o", tmp_path / "run", *sets]).exit_code == 0
+    _short_run(model, tmp_path)
     assert run_cli(["export", tmp_path / "run", "--format", "gguf", "-o", tmp_path / "merged.gguf"]).exit_code == 0
     res = run_cli(["export", tmp_path / "run", "--format", "gguf-lora", "-o", tmp_path / "o" / "a.gguf", "--ollama"])
     assert res.exit_code == 0, res.output

@@ -305,6 +305,22 @@ def show_export(r) -> None:
                   f"{r.verify_base_max_diff:.2e})", soft_wrap=True)
 
 
+def show_plan(p) -> None:
+    """doctor --plan: one table per setup, a row per Mac size."""
+    out.print(f"{p.model}: {p.parameters / 1e9:.2f}B parameters in the text model, {p.weights_gb:.1f} GiB of "
+              "weights as released; estimates of a training step's peak, GiB", markup=False, soft_wrap=True)
+    for setup in dict.fromkeys(r.setup for r in p.rows):
+        t = Table(title=setup, title_justify="left")
+        for col in ("Mac", "budget", "as is", "fits", "what makes it fit (--set)", "then", "batch x tokens"):
+            t.add_column(col, justify="right" if col in ("budget", "as is", "then") else "left")
+        for r in (r for r in p.rows if r.setup == setup):
+            t.add_row(f"{r.mac_gb} GB", f"{r.budget_gb:.1f}", f"{r.estimate_gb:.1f}", "yes" if r.fits else "no",
+                      "-" if r.fits else " ".join(r.switches),
+                      "" if r.fits or r.fit_estimate_gb is None else f"{r.fit_estimate_gb:.1f}",
+                      f"{r.batch} x {r.seq_len}" if r.batch else "")
+        out.print(t)
+
+
 def show_quickstart(r, command: str = "mlx-gemma-tune", activate: str | None = None) -> None:
     """The before / after answers, exact match, the outputs and the next commands (`command` as the
     user can type it; `activate`: the line that puts it on PATH, when it is not)."""
