@@ -113,6 +113,7 @@ def test_the_package_builds_quietly_with_its_recipes_and_examples(tmp_path):
     assert {"mlx_gemma_tune/recipes/gemma4-e2b-lora.yaml", "mlx_gemma_tune/recipes/tasks/tool-calling.yaml",
             "mlx_gemma_tune/examples/tool_calling/train.jsonl", "mlx_gemma_tune/examples/tool_calling/tools.json",
             "mlx_gemma_tune/examples/README.md", "mlx_gemma_tune/calibration/sample.txt",
+            "mlx_gemma_tune/configs/gemma-4-E4B-it.json", "mlx_gemma_tune/examples/extraction_preferences/test.jsonl",
             "mlx_gemma_tune/web/compare.html"} <= names
 
 
