@@ -106,8 +106,13 @@ def cli(debug: bool) -> None:
 @click.option("--force", is_flag=True, help="Replace OUT if it already exists (only once the new model is complete).")
 @click.option("--multimodal", is_flag=True,
               help="Keep the vision and audio towers (Gemma 4, converted by mlx-vlm) for image fine-tuning.")
+@click.option("--quant-recipe", type=click.Choice(["mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6"]), default=None,
+              help="With --quantize: one of mlx-lm's mixed-precision recipes (more bits where they matter most).")
+@click.option("--calibration", type=click.Path(dir_okay=False), default=None,
+              help="With --quantize: a dataset file to measure the quantization's cost on, instead of the built-in "
+                   "English sample.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def convert(src, out, quantize, group_size, dtype, revision, force, multimodal, as_json):
+def convert(src, out, quantize, group_size, dtype, revision, force, multimodal, quant_recipe, calibration, as_json):
     """Convert a Hugging Face Gemma checkpoint (SRC: local directory or hub id) to MLX.
 
     \b
@@ -119,9 +124,12 @@ def convert(src, out, quantize, group_size, dtype, revision, force, multimodal, 
     from mlx_gemma_tune import ui
     from mlx_gemma_tune.convert import convert as run
 
+    if (quant_recipe or calibration) and not quantize:
+        raise click.UsageError("--quant-recipe and --calibration apply to --quantize")
     with ui.status("Converting") as progress:
         result = run(src, out, quantize=int(quantize) if quantize else None, group_size=int(group_size),
-                     dtype=dtype, force=force, revision=revision, progress=progress, multimodal=multimodal)
+                     dtype=dtype, force=force, revision=revision, progress=progress, multimodal=multimodal,
+                     quant_recipe=quant_recipe, calibration=calibration)
     if as_json:
         ui.print_json(result.to_dict())
     else:

@@ -45,6 +45,9 @@ class ConvertResult:
     size_bytes: int = 0
     seconds: float = 0.0
     multimodal: bool = False  # the towers are kept (mlx-vlm)
+    # --quantize: what it cost on calibration text: {"text", "tokens", "perplexity_source", "perplexity_quantized",
+    # "top1_agreement" (0..1), "worst_layers": [{"path", "bits", "rel_error"}] (relative RMS weight error)}
+    quality: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,11 +64,18 @@ def convert(
     revision: str | None = None,
     progress: Progress | None = None,
     multimodal: bool = False,
+    quant_recipe: str | None = None,
+    calibration: str | None = None,
 ) -> ConvertResult:
     """Convert `src` (local directory or hub id) to an MLX model directory at `out`.
 
     multimodal: keep the vision (and audio) towers, converted by mlx-vlm (Gemma 4), for image
-    fine-tuning and `chat --image`; otherwise the text model alone, by mlx-lm."""
+    fine-tuning and `chat --image`; otherwise the text model alone, by mlx-lm. quantize: also
+    measures what it costs (ConvertResult.quality) on calibration text (calibration.chunks: the
+    built-in sample or the dataset file `calibration`): perplexity before and after, how often the
+    greedy next token stays, the layers with the largest relative weight error. quant_recipe: one of
+    mlx-lm's mixed-precision recipes (mlx_lm.convert.QUANT_RECIPES, e.g. mixed_4_6: more bits for
+    v_proj / down_proj in some layers and for lm_head, as llama.cpp's Q4_K_M)."""
     started = time.monotonic()
     say = progress or (lambda _msg: None)
     if quantize is not None and quantize not in QUANT_BITS:
@@ -101,12 +111,24 @@ def convert(
         _cast(model, target_dtype)
     parameters = _count_parameters(model)
 
-    quant_info = None
+    quant_info = quality = None
     quantized, kept_high, left_alone = 0, [], []
     if quantize:
-        say(f"Quantizing to {quantize}-bit (group size {group_size})")
-        mlx_config, quantized, kept_high, left_alone = _quantize(model, mlx_config, quantize, group_size)
-        quant_info = {"bits": quantize, "group_size": group_size, "mode": "affine"}
+        from mlx_gemma_tune import calibration as calib
+
+        say("Scoring the source model on the calibration text")
+        chunks, text = calib.chunks(tokenizer, calibration)
+        before = calib.mlx_scores(model, chunks)
+        say(f"Quantizing to {quantize}-bit (group size {group_size}{', ' + quant_recipe if quant_recipe else ''})")
+        mlx_config, quantized, kept_high, left_alone, errors = _quantize(model, mlx_config, quantize, group_size,
+                                                                         quant_recipe)
+        quant_info = {"bits": quantize, "group_size": group_size, "mode": "affine"} | (
+            {"recipe": quant_recipe} if quant_recipe else {})
+        say("Scoring the quantized model")
+        after = calib.mlx_scores(model, chunks)
+        quality = {"text": text, "tokens": before.tokens, "perplexity_source": before.perplexity,
+                   "perplexity_quantized": after.perplexity, "top1_agreement": after.agreement(before),
+                   "worst_layers": sorted(errors, key=lambda e: -e["rel_error"])[:5]}
 
     dropped = _dropped_components(files)
     say("Writing the MLX model")
@@ -130,6 +152,7 @@ def convert(
         dropped=dropped,
         size_bytes=fsio.dir_size(out),
         seconds=round(time.monotonic() - started, 2),
+        quality=quality,
     )
 
 
@@ -225,11 +248,21 @@ def _count_parameters(model) -> int:
     return int(get_total_parameters(model))
 
 
-def _quantize(model, config: dict, bits: int, group_size: int):
-    """Quantize through mlx-lm, recording every decision for the summary."""
+def _quantize(model, config: dict, bits: int, group_size: int, recipe: str | None = None):
+    """Quantize through mlx-lm, recording every decision for the summary and each layer's relative RMS
+    weight error ||W - dequantize(quantize(W))|| / ||W||, measured as the layer is quantized."""
+    import mlx.core as mx
     from mlx_lm.utils import quantize_model
 
     model_policy = getattr(model, "quant_predicate", None)
+    mixed = None
+    if recipe:
+        from mlx_lm.convert import QUANT_RECIPES, mixed_quant_predicate_builder
+
+        if recipe not in QUANT_RECIPES:
+            raise UserError(f"--quant-recipe must be one of {', '.join(QUANT_RECIPES)}, not {recipe}")
+        mixed = mixed_quant_predicate_builder(recipe, model, group_size)
+    errors: list[dict] = []
     left_alone: list[dict] = []
     kept_high: list[dict] = []
     for path, module in model.named_modules():
@@ -240,6 +273,13 @@ def _quantize(model, config: dict, bits: int, group_size: int):
 
     def policy(path, module):
         decision = model_policy(path, module) if model_policy else True
+        if decision is not False and mixed is not None:  # the recipe's bits, never below the model's own choice
+            chosen = mixed(path, module)
+            own = decision.get("bits", bits) if isinstance(decision, dict) else bits
+            decision = chosen | {"bits": max(chosen["bits"], own)}
+            if chosen["bits"] != bits and own <= chosen["bits"]:
+                kept_high.append({"path": path, "bits": chosen["bits"], "reason": f"{recipe} recipe"})
+                return _measured(path, module, decision)
         if isinstance(decision, dict):
             high = decision.get("bits", bits)
             decision = {"group_size": decision.get("group_size", group_size), "bits": max(high, bits)}
@@ -248,12 +288,22 @@ def _quantize(model, config: dict, bits: int, group_size: int):
                                   if path.endswith("router.proj") else "model policy"})
         elif not decision:
             left_alone.append({"path": path, "reason": "kept in full precision by the model's policy"})
+        return _measured(path, module, decision)
+
+    def _measured(path, module, decision):
+        if decision is not False and hasattr(module, "weight") and module.weight.shape[-1] % group_size == 0:
+            b = decision.get("bits", bits) if isinstance(decision, dict) else bits
+            g = decision.get("group_size", group_size) if isinstance(decision, dict) else group_size
+            w = module.weight.astype(mx.float32)
+            back = mx.dequantize(*mx.quantize(w, g, b), group_size=g, bits=b)
+            err = mx.sqrt(mx.sum(mx.square(w - back)) / mx.maximum(mx.sum(mx.square(w)), 1e-30))
+            errors.append({"path": path, "bits": b, "rel_error": float(err)})
         return decision
 
     with contextlib.redirect_stdout(io.StringIO()):  # mlx-lm prints a bits-per-weight line
         model, config = quantize_model(model, config, group_size, bits, quant_predicate=policy)
     quantized = sum(1 for _, m in model.named_modules() if hasattr(m, "bits") and hasattr(m, "scales"))
-    return config, quantized, kept_high, left_alone
+    return config, quantized, kept_high, left_alone, errors
 
 
 def _dropped_components(files: list[hf_checkpoint.WeightFile]) -> list[dict]:

@@ -279,3 +279,41 @@ def test_missing_tensor(hf_model, tmp_path):
     tensors.pop(next(k for k in tensors if "q_proj" in k))
     save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
     _expect_refusal(tmp_path, ["convert", src, "-o", tmp_path / "out"], "weights do not fit a Gemma 3 model")
+
+
+def test_quantization_reports_what_it_costs(hf_model, tmp_path):
+    """--quantize measures itself: perplexity of source and quantized model on the built-in sample (or
+    --calibration), greedy agreement, and the layers with the largest weight error; 8 bits cost less
+    than 4 on every measure, and mlx-lm's mixed_4_6 recipe gives its layers their 6 bits."""
+    reports = {}
+    for bits, extra in (("4", []), ("8", []), ("4", ["--quant-recipe", "mixed_4_6"])):
+        name = bits + "".join(extra[1:])
+        res = run_cli(["convert", hf_model("gemma4_edge"), "-o", tmp_path / name, "-q", bits, *extra, "--json"])
+        assert res.exit_code == 0, res.output
+        reports[name] = json.loads(res.stdout)
+    q4, q8, mixed = reports["4"]["quality"], reports["8"]["quality"], reports["4mixed_4_6"]["quality"]
+    for q in (q4, q8, mixed):
+        assert "built-in English sample" in q["text"] and q["tokens"] > 500
+        assert q["perplexity_source"] > 1 and 0 < q["top1_agreement"] <= 1
+        errs = [w["rel_error"] for w in q["worst_layers"]]
+        assert len(errs) == 5 and errs == sorted(errs, reverse=True) and 0 < errs[-1] and errs[0] < 1
+    assert q4["perplexity_source"] == q8["perplexity_source"]  # the same source, the same text
+    assert abs(q8["perplexity_quantized"] / q8["perplexity_source"] - 1) < abs(
+        q4["perplexity_quantized"] / q4["perplexity_source"] - 1)
+    assert q8["top1_agreement"] >= q4["top1_agreement"]
+    assert q8["worst_layers"][0]["rel_error"] < q4["worst_layers"][-1]["rel_error"]  # 8-bit's worst beats 4-bit's 5th
+    # 4-bit affine quantization of a Gaussian-like weight: ~1/15 of each group's range per step, ~10% relative
+    assert 0.03 < q4["worst_layers"][-1]["rel_error"] < 0.3
+    assert reports["4mixed_4_6"]["quantization"]["recipe"] == "mixed_4_6"
+    assert any(k["bits"] == 6 and k["reason"] == "mixed_4_6 recipe" for k in reports["4mixed_4_6"]["kept_at_higher_precision"])
+    # a dataset file as calibration text, and the options' rules
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"Question {i}?", "completion": f"Answer {i}."}) + "\n"
+                            for i in range(3)))
+    res = run_cli(["convert", hf_model("gemma4_edge"), "-o", tmp_path / "c", "-q", "4", "--calibration", rows, "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["quality"]["text"].startswith("3 rows of")
+    assert_one_line_error(run_cli(["convert", hf_model("gemma4_edge"), "-o", tmp_path / "d", "--quant-recipe",
+                                   "mixed_4_6"]), "--quantize", code=2)
+    res = run_cli(["convert", hf_model("gemma4_edge"), "-o", tmp_path / "e", "-q", "4"])
+    assert "Quality cost" in res.stdout and "Worst layers" in res.stdout

@@ -173,6 +173,13 @@ def show_convert(r) -> None:
                       "(kept in the source; export restores it)")
     else:
         t.add_row("Dropped", "nothing")
+    if r.quality:
+        q = r.quality
+        t.add_row("Quality cost", f"perplexity {q['perplexity_source']:.4g} -> {q['perplexity_quantized']:.4g} "
+                  f"({q['perplexity_quantized'] / q['perplexity_source'] - 1:+.2%}), same greedy next token at "
+                  f"{q['top1_agreement']:.1%} of {q['tokens']} positions of {q['text']}")
+        t.add_row("Worst layers", ", ".join(f"{w['path']} ({w['bits']}-bit: {w['rel_error']:.1%} weight error)"
+                                            for w in q["worst_layers"][:3]))
     t.add_row("Size on disk", human_bytes(r.size_bytes))
     t.add_row("Time", f"{r.seconds:.1f} s")
     out.print(t)
