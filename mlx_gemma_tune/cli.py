@@ -288,6 +288,9 @@ def train(recipe, model, data, out, sets, quantize, mask_prompt, resume, force, 
                       ("dropped", "rows dropped")):
         if prepared.notes.get(key):
             ui.err.print(f"note: {prepared.notes[key]} {what}", soft_wrap=True)
+    if prepared.notes.get("ple_saved_bytes"):
+        ui.err.print(f"note: the per-layer-embedding table is held 8-bit (model.ple: quantize): "
+                     f"{ui.human_bytes(prepared.notes['ple_saved_bytes'])} less", soft_wrap=True)
     if resume and prepared.resume_from is None:
         ui.err.print("note: the run has no complete checkpoint yet; it starts again from step 0", soft_wrap=True)
     with ui_train.TrainDashboard(console=ui.err if as_json else None) as dashboard:

@@ -192,6 +192,34 @@ def apply_fixes(model) -> list[str]:
     return applied
 
 
+PLE_BITS, PLE_GROUP = 8, 64
+
+
+def quantize_ple(model, bits: int = PLE_BITS, group_size: int = PLE_GROUP, evaluate: bool = True) -> int:
+    """Hold the per-layer-embedding table of a Gemma 3n / Gemma 4 E model (embed_tokens_per_layer, vocab x
+    layers * 256) as mlx's QuantizedEmbedding: affine `bits`-bit, the gathered rows alone dequantized
+    per batch, so the table costs ~bits/16 of its bf16 size. Returns the bytes saved (0 when the
+    model has no such float table, e.g. a QLoRA base whose table convert already quantized).
+    evaluate=False leaves the quantized table lazy (a plan needs its shapes only)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    saved = 0
+    for path, module in list(model.named_modules()):
+        if path.endswith("embed_tokens_per_layer") and type(module) is nn.Embedding \
+                and module.weight.shape[-1] % group_size == 0:
+            q = nn.QuantizedEmbedding.from_embedding(module, group_size=group_size, bits=bits)
+            if evaluate:
+                mx.eval(q.parameters())
+            saved += module.weight.nbytes - sum(v.nbytes for v in (q.weight, q.scales, q.biases))
+            parent = model
+            *head, last = path.split(".")
+            for part in head:
+                parent = parent[int(part)] if part.isdigit() else getattr(parent, part)
+            setattr(parent, last, q)
+    return saved
+
+
 # ---- gradient checkpointing ------------------------------------------------------------------
 
 

@@ -182,7 +182,8 @@ def _model(config: dict, bits, s: Setup | None, built: dict):
     from mlx_gemma_tune import families, lora, models, upstream
 
     lo = s.recipe.lora if s is not None and s.recipe is not None else None
-    key = (bits, None if lo is None else (lo.rank, tuple(lo.targets) if isinstance(lo.targets, list) else lo.targets,
+    key = (bits, s.recipe.model.ple if s is not None and s.recipe is not None else None,
+           None if lo is None else (lo.rank, tuple(lo.targets) if isinstance(lo.targets, list) else lo.targets,
                                           lo.num_layers, lo.experts, lo.method))
     if key in built:
         return built[key]
@@ -199,6 +200,8 @@ def _model(config: dict, bits, s: Setup | None, built: dict):
         with contextlib.redirect_stdout(io.StringIO()):  # mlx-lm prints a bits-per-weight line
             model, _ = quantize_model(model, dict(config), 64, bits,
                                       quant_predicate=getattr(model, "quant_predicate", None))
+    if s is not None and s.recipe is not None and s.recipe.model.ple == "quantize":
+        models.quantize_ple(model, evaluate=False)  # the shapes are all a plan needs
     adapter = 0
     if lo is not None:
         lora.apply(model, config, lora.LoraSettings(rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout,

@@ -28,7 +28,7 @@ class Prepared:
     valid: list
     base: Path
     resume_from: Path | None = None
-    notes: dict = field(default_factory=dict)  # truncated / dropped / held_out counts
+    notes: dict = field(default_factory=dict)  # truncated / dropped / held_out counts, ple_saved_bytes
     world: distributed.World = distributed.SINGLE
 
 
@@ -82,6 +82,10 @@ def prepare_run(recipe_ref: str | None = None, *, model: str | None = None, data
     splits, base, (model_obj, tokenizer, config), images = _inputs(recipe, world, say)
     say("Tokenizing" + (" and reading the images / audio" if images else ""))
     train, valid, notes = _examples(tokenizer, splits, recipe, images)
+    if recipe.model.ple == "quantize":
+        from mlx_gemma_tune import models
+
+        notes["ple_saved_bytes"] = models.quantize_ple(model_obj)
     if resume:
         _check_steps_left(run_dir, resume_from, recipe, train, world)
     settings = _adapter_layers(model_obj, config, recipe, images)

@@ -1,8 +1,7 @@
 """Training recipes: one schema (dataclasses) holds every field, its default and its help.
 
-Precedence: defaults < recipe YAML < dedicated CLI flags and --set key=value. Every
-problem (unknown key, wrong type, missing value) is collected and reported at once,
-with a did-you-mean suggestion for misspelt keys.
+Precedence: defaults < recipe YAML < dedicated CLI flags and --set key=value. Every problem (unknown
+key, wrong type, missing value) is collected and reported at once, with a did-you-mean for misspelt keys.
 """
 
 from __future__ import annotations
@@ -32,6 +31,8 @@ class ModelConfig:
     path: str = _f(REQUIRED, "Base model: a directory made by `convert`, a Hugging Face Gemma directory or a hub id.")
     quantize: int | None = _f(None, "Quantize the base to 4 or 8 bits before training (QLoRA); the "
                                         "converted copy is cached. null keeps the base as it is.", (None, 4, 8))
+    ple: str = _f("quantize", "Gemma 3n / 4 E models: the per-layer-embedding table (E2B: 4.7 GB in bf16) is held "
+                  "8-bit in training, its rows dequantized as gathered; keep: as released.", ("quantize", "keep"))
 
 
 @dataclass
@@ -45,9 +46,8 @@ class DataConfig:
     reasoning: str = _f("train", "Assistant turns with a thought (reasoning_content, or a <|channel>thought block): "
                         "train it as Gemma 4 thinks (thinking on; other families refuse it), drop it (answers "
                         "only), or error.", ("train", "drop", "error"))
-    pack: bool = _f(False, "Pack several rows into each sequence of up to max_seq_length tokens (attention stays "
-                    "within a row); batch_size then counts packed sequences. Pays when padding dominates; the "
-                    "default length-grouped batches were faster on benchmarks/train_speed.py's short rows.")
+    pack: bool = _f(False, "Pack rows into sequences of up to max_seq_length tokens (attention stays within a row; "
+                    "batch_size counts sequences). Pays when padding dominates (benchmarks/train_speed.py).")
 
 
 @dataclass
