@@ -66,7 +66,8 @@ class FuseResult:
     fused_layers: int
     quantized_base: bool
     requantized_bits: int | None
-    deviation: dict | None  # requantization error against the full-precision merge
+    deviation: dict | None  # requantization error against the full-precision merge (weights; perplexity on
+    # calibration.SAMPLE before / after, greedy agreement)
     size_bytes: int
     seconds: float
 
@@ -98,12 +99,19 @@ def fuse(run_dir: str, out: str, *, requantize: int | None = None, group_size: i
         import contextlib
         import io
 
+        from mlx_gemma_tune import calibration
+
         full = dict(tree_flatten(merged.model.parameters()))
         adapted = {p for p in lora_module_paths(merged.adapter)}
+        chunks, text = calibration.chunks(merged.tokenizer)  # what re-quantizing costs the merged model
+        before = calibration.mlx_scores(merged.model, chunks)
         with contextlib.redirect_stdout(io.StringIO()):
             model, config = quantize_model(merged.model, config, group_size, requantize,
                                            quant_predicate=getattr(merged.model, "quant_predicate", None))
-        deviation = _requant_deviation(model, full, adapted)
+        after = calibration.mlx_scores(model, chunks)
+        deviation = _requant_deviation(model, full, adapted) | {
+            "perplexity_merged": before.perplexity, "perplexity_requantized": after.perplexity,
+            "top1_agreement": after.agreement(before), "text": text}
         merged.model = model
     with fsio.staged_dir(out_p) as tmp:
         save_model(tmp, merged.model, donate_model=True)

@@ -197,6 +197,17 @@ def save_reference(run_dir: Path, train, valid) -> None:
     fsio.atomic_save_safetensors(Path(run_dir) / REFERENCE_FILE, arrays)
 
 
+def check_reference(run_dir: Path) -> None:
+    """UserError unless a DPO run directory holds the reference log-probabilities it started with (a resumed
+    run cannot recompute them: its model has moved)."""
+    from mlx_gemma_tune.errors import UserError
+
+    path = Path(run_dir) / REFERENCE_FILE
+    if not path.is_file():
+        raise UserError("is missing: a DPO run cannot resume without the reference log-probabilities it started "
+                        "with", where=str(path), hint="start the run again")
+
+
 def load_reference(run_dir: Path):
     """(train (N, 2), valid (V, 2) or None) saved by save_reference, as numpy float32."""
     import mlx.core as mx

@@ -72,6 +72,10 @@ def prepare_run(recipe_ref: str | None = None, *, model: str | None = None, data
                             "recipe, --model, --data or -o", hint="to train longer: --set train.iters=N (or "
                             "train.epochs); to start from its adapter: a new run with --set lora.init_from=RUN")
         recipe, run_dir, resume_from = _resumed_run(Path(resume).expanduser(), world, list(sets), say)
+        if recipe.train.objective == "dpo" and resume_from is not None:
+            from mlx_gemma_tune import preference
+
+            preference.check_reference(run_dir)
     else:
         recipe, run_dir = _new_run(recipe_ref, model, data, out, sets, force, world)
         resume_from = None

@@ -162,10 +162,7 @@ class _Loop:
         identity: the base model; lora.init_from: that adapter), kept in the run for --resume."""
         p = self.p
         if p.resume_from is not None:  # the model has moved since: the reference must come from the run
-            path = self.run_dir / preference.REFERENCE_FILE
-            if not path.is_file():
-                raise UserError("is missing: a DPO run cannot resume without the reference log-probabilities it "
-                                "started with", where=str(path), hint="start the run again")
+            preference.check_reference(self.run_dir)
             self.reference, self.valid_reference = preference.load_reference(self.run_dir)
             return
         self.model.eval()

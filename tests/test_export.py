@@ -201,9 +201,13 @@ def test_fuse_qlora_dequantizes_and_requantize_reports(runs, tmp_path):
     assert req.exit_code == 0, req.output
     dev = json.loads(req.stdout)["deviation"]
     assert dev["max_abs"] > 0 and 0 < dev["relative_rms"] < 0.5
+    # what re-quantizing costs the merged model on the built-in sample
+    assert dev["perplexity_merged"] > 1 and dev["perplexity_requantized"] != dev["perplexity_merged"]
+    assert 0 < dev["top1_agreement"] <= 1 and "built-in English sample" in dev["text"]
     assert json.loads((tmp_path / "req" / "config.json").read_text())["quantization"]["bits"] == 4
     human = run_cli(["fuse", run, "-o", tmp_path / "req2", "--requantize", "4"])
     assert "moved by up to" in human.stdout and "relative RMS" in human.stdout
+    assert "re-quantized; same greedy next token" in human.stdout
 
 
 def test_export_from_a_fused_model_and_verify(runs, tmp_path):

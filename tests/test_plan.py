@@ -38,12 +38,13 @@ def test_the_switches_a_plan_names_make_the_setup_fit():
     """Re-planning with the reported --set assignments gives a setup that fits as is, at the same estimate."""
     from mlx_gemma_tune import plan
 
-    model = "google/gemma-4-E2B-it"
-    first = plan.plan(model, plan.setups_for(model, ["gemma4-e2b-lora"]), sizes=(8, 16))
-    for row in first.rows:
-        assert not row.fits and row.switches and row.switches != ["does not fit"]
+    model, recipe = "google/gemma-4-E4B-it", "gemma4-e4b-lora"
+    first = plan.plan(model, plan.setups_for(model, [recipe]), sizes=(8, 16, 24))
+    fixed = [r for r in first.rows if not r.fits and r.switches != ["does not fit"]]
+    assert fixed and all(r.switches for r in fixed)
+    for row in fixed:
         sets = tuple(a for s in row.switches for a in s.split(" "))
-        again = plan.plan(model, plan.setups_for(model, ["gemma4-e2b-lora"], sets), sizes=(row.mac_gb,)).rows[0]
+        again = plan.plan(model, plan.setups_for(model, [recipe], sets), sizes=(row.mac_gb,)).rows[0]
         assert again.fits and again.estimate_gb == pytest.approx(row.fit_estimate_gb, abs=0.01)
 
 

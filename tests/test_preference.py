@@ -141,6 +141,11 @@ def test_dpo_resume_is_exact(hf_model, tmp_path):
     first = trainer.run(prepare.prepare_run(model=model, data=str(data), out=str(tmp_path / "b"), sets=sets),
                         callback=StopAt(control, 4), control=control)
     assert first.interrupted and first.steps == 4
+    broken = tmp_path / "broken"
+    shutil.copytree(tmp_path / "b", broken)
+    (broken / "reference_logps.safetensors").unlink()
+    assert_one_line_error(run_cli(["train", "--resume", broken]), "reference_logps.safetensors",
+                          "cannot resume without the reference")
     res = run_cli(["train", "--resume", tmp_path / "b"])
     assert res.exit_code == 0, res.output
     a, b = train_records(tmp_path / "a"), train_records(tmp_path / "b")

@@ -514,7 +514,7 @@ def test_typed_state_and_reports_keep_the_files_and_the_loss_plugs_in(hf_model, 
     assert list(records[-1]) == ["type", "step", "val_loss", "best_val_loss", "best_step", "improved"]
     state = json.loads(next((tmp_path / "plain" / "checkpoints").glob("*/state.json")).read_text())
     assert set(state) == {"step", "best_val_loss", "best_step", "bad_evals", "ema", "metrics_lines", "tokens",
-                          "adapter_from_step"}
+                          "adapter_from_step", "best_reward_accuracy"}
     old = TrainState.from_dict({"step": 7, "ema": 1.5, "unknown_later_key": 1})  # older / newer state.json
     assert (old.step, old.ema, old.tokens, old.adapter_from_step) == (7, 1.5, 0, None)
 

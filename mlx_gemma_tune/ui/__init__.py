@@ -278,6 +278,9 @@ def show_fuse(r) -> None:
         d = r.deviation
         out.print(f"Re-quantized to {r.requantized_bits}-bit: adapted weights moved by up to {d['max_abs']:.3g} "
                   f"(relative RMS {d['relative_rms']:.2%}) from the full-precision merge.", soft_wrap=True)
+        out.print(f"Perplexity on {d['text']}: {d['perplexity_merged']:.4g} merged, {d['perplexity_requantized']:.4g} "
+                  f"re-quantized; same greedy next token at {d['top1_agreement']:.1%} of positions", soft_wrap=True,
+                  markup=False)
 
 
 def show_export(r) -> None:
