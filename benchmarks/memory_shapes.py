@@ -1,6 +1,7 @@
 """The memory estimate against MLX's measured peak at real widths: random-weight Gemma models built at the
-widths of Gemma 4 E2B, Gemma 3n E2B and Gemma 4 31B (the real 262,144-token vocabulary, head sizes and
-per-layer inputs) with a few layers, so they fit a small machine.
+widths of Gemma 4 E2B, Gemma 3n E2B (the real 262,144-token vocabulary, head sizes and per-layer inputs)
+and Gemma 4 31B (its widths and heads with a 65,536-token vocabulary: the real one does not build in 24 GB
+with torch's initialisation), with a few layers, so they fit a small machine.
 
     python benchmarks/memory_shapes.py [--shapes e2b,3n-e2b,31b] [--batch 2] [--seq 512]
 
@@ -37,7 +38,7 @@ SHAPES = {  # family, text overrides (real widths, few layers)
                                activation_sparsity_pattern=[0.95, 0.95, 0.0, 0.0, 0.0], sliding_window=512)),
     "31b": ("gemma4_dense", dict(hidden_size=5376, intermediate_size=21504, num_hidden_layers=2, num_attention_heads=32,
                                  num_key_value_heads=16, num_global_key_value_heads=4, head_dim=256, global_head_dim=512,
-                                 vocab_size=262144, layer_types=[S, F], sliding_window=1024)),
+                                 vocab_size=65536, layer_types=[S, F], sliding_window=1024)),
 }
 
 MEASURE = """

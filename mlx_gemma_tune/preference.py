@@ -111,10 +111,14 @@ def pair_loss(objective: Objective, logps, counts, reference=None):
 
 
 def _log1mexp(x):
-    """log(1 - exp(x)) for x < 0, stably (Maechler 2012)."""
+    """log(1 - exp(x)) for x < 0, stably (Maechler 2012). Each branch sees only the inputs it is chosen for
+    (the other gets -1), so neither puts an infinite gradient through the where; x is kept below -1e-7
+    (an answer of probability 1 would have infinite odds)."""
     import mlx.core as mx
 
-    return mx.where(x > -0.6931472, mx.log(-mx.expm1(x)), mx.log1p(-mx.exp(x)))
+    x = mx.minimum(x, -1e-7)
+    near = x > -0.6931472
+    return mx.where(near, mx.log(-mx.expm1(mx.where(near, x, -1.0))), mx.log1p(-mx.exp(mx.where(near, -1.0, x))))
 
 
 class PreferenceLoss:

@@ -287,3 +287,26 @@ def test_reward_accuracy_needs_a_preference_objective(hf_model, tmp_path):
                                    tmp_path / "r", "--set", "train.early_stopping_metric=reward_accuracy"]),
                           "train.early_stopping_metric", "dpo or orpo")
     assert not (tmp_path / "r").exists()
+
+
+def test_orpo_is_finite_for_a_certain_answer():
+    """An answer the model is sure of (average log-probability ~0: infinite odds) gives a finite ORPO loss and
+    gradient, and far from 0 the log odds term matches the float64 formula."""
+    import math
+
+    import mlx.core as mx
+
+    from mlx_gemma_tune import preference
+
+    obj = preference.Objective("orpo", 0.1)
+
+    def f(lp):
+        return preference.pair_loss(obj, lp, mx.array([4.0, 4.0]))[0]
+
+    for chosen in (-1e-9, -0.5, -3.0):
+        lp = mx.array([4 * chosen, -8.0])
+        value, grad = mx.value_and_grad(f)(lp)
+        assert math.isfinite(float(value)) and bool(mx.isfinite(grad).all()), chosen
+    ac, ar = -0.75, -2.0  # per-token averages of 4-token answers
+    want = -ac + 0.1 * math.log1p(math.exp(-((ac - math.log1p(-math.exp(ac))) - (ar - math.log1p(-math.exp(ar))))))
+    assert float(f(mx.array([4 * ac, 4 * ar]))) == pytest.approx(want, rel=1e-5)
