@@ -23,7 +23,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
     ap.add_argument("--calibration", default=None)
-    ap.add_argument("--recipes", default="mixed_4_6,mixed_3_6")
+    ap.add_argument("--recipes", default="mixed_4_6")
     args = ap.parse_args()
 
     import mlx.core as mx
@@ -32,23 +32,21 @@ def main() -> None:
     from mlx_gemma_tune.convert import convert
 
     source = args.model or str(demo.hf_checkpoint())
-    settings = [(8, None), (4, None)] + [(int(r.split("_")[1]), r) for r in args.recipes.split(",") if r]
-    rows = []
+    settings = [(8, None), (4, None)] + [(4, r) for r in args.recipes.split(",") if r]  # a recipe sets its bits
+    print(f"{Path(source).name}, {mx.default_device()}, mlx {mx.__version__}")
+    print("| quantization | perplexity (source) | quantized | vs source | same greedy next token | worst layer "
+          "(weight error) | size |")
+    print("|---|---|---|---|---|---|---|", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for bits, recipe in settings:
             r = convert(source, Path(tmp) / f"{bits}-{recipe}", quantize=bits, quant_recipe=recipe,
                         calibration=args.calibration, dtype="float32")
-            q = r.quality
-            rows.append((f"{bits}-bit" + (f" {recipe}" if recipe else ""), q, r.size_bytes))
-    print(f"{Path(source).name}, {rows[0][1]['text']}, {rows[0][1]['tokens']} tokens, {mx.default_device()}, "
-          f"mlx {mx.__version__}; source perplexity {rows[0][1]['perplexity_source']:.3f}")
-    print("| quantization | perplexity | vs source | same greedy next token | worst layer (weight error) | size |")
-    print("|---|---|---|---|---|---|")
-    for name, q, size in rows:
-        worst = q["worst_layers"][0]
-        print(f"| {name} | {q['perplexity_quantized']:.3f} | {q['perplexity_quantized'] / q['perplexity_source'] - 1:+.2%} "
-              f"| {q['top1_agreement']:.1%} | {worst['path']} ({worst['bits']}-bit, {worst['rel_error']:.1%}) "
-              f"| {size / 2**20:.0f} MiB |")
+            q, worst = r.quality, r.quality["worst_layers"][0]
+            print(f"| {recipe or f'{bits}-bit'} | {q['perplexity_source']:.3f} | {q['perplexity_quantized']:.3f} | "
+                  f"{q['perplexity_quantized'] / q['perplexity_source'] - 1:+.2%} | {q['top1_agreement']:.1%} | "
+                  f"{worst['path']} ({worst['bits']}-bit, {worst['rel_error']:.1%}) | {r.size_bytes / 2**20:.0f} MiB |",
+                  flush=True)
+    print(f"calibration: {q['text']}, {q['tokens']} tokens")
 
 
 if __name__ == "__main__":

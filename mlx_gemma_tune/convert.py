@@ -275,7 +275,7 @@ def _quantize(model, config: dict, bits: int, group_size: int, recipe: str | Non
         decision = model_policy(path, module) if model_policy else True
         if decision is not False and mixed is not None:  # the recipe's bits, never below the model's own choice
             chosen = mixed(path, module)
-            own = decision.get("bits", bits) if isinstance(decision, dict) else bits
+            own = decision.get("bits", bits) if isinstance(decision, dict) else 0  # e.g. a router's 8 bits
             decision = chosen | {"bits": max(chosen["bits"], own)}
             if chosen["bits"] != bits and own <= chosen["bits"]:
                 kept_high.append({"path": path, "bits": chosen["bits"], "reason": f"{recipe} recipe"})
