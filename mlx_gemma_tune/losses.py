@@ -72,6 +72,27 @@ def select_targets(mask, chunk: int = DEFAULT_CHUNK):
     return mx.array(np.pad(idx, (0, size - len(idx)))), mx.array(weights)
 
 
+def _token_ce(z, t):
+    """Each row's cross-entropy (float32 logits z (M, V), targets t (M,))."""
+    import mlx.core as mx
+
+    return mx.logsumexp(z, axis=-1) - mx.take_along_axis(z, t[:, None], axis=-1)[:, 0]
+
+
+def _slice_ce_and_grad(linear, cap, h, t):
+    """(ce (M,), d ce_i / d h_i (M, D)) of one slice, the gradient written out while its logits exist:
+    (softmax - one_hot) * (1 - (logits / cap)^2), then one product with the head (mx.vjp of the linear map)."""
+    import mlx.core as mx
+
+    z = head_logits(linear, cap, h)
+    d = mx.softmax(z, axis=-1, precise=True)
+    d = mx.put_along_axis(d, t[:, None], mx.take_along_axis(d, t[:, None], axis=-1) - 1.0, axis=-1)
+    if cap is not None:
+        d = d * (1.0 - mx.square(z / cap))
+    _, (dh,) = mx.vjp(linear, [h], [d.astype(h.dtype)])
+    return _token_ce(z, t), dh
+
+
 def _chunked_head_loss(linear, cap, chunk: int, grad: bool):
     """(h (M, D), targets (M,), weights (M,)) -> sum of weighted token losses, one slice at a time.
 
@@ -85,22 +106,12 @@ def _chunked_head_loss(linear, cap, chunk: int, grad: bool):
     """
     import mlx.core as mx
 
-    def loss_of(z, t, w):
-        ce = mx.logsumexp(z, axis=-1) - mx.take_along_axis(z, t[:, None], axis=-1)[:, 0]
-        return (ce * w).sum()
-
     def piece(h, t, w):
-        return loss_of(head_logits(linear, cap, h), t, w)
+        return (_token_ce(head_logits(linear, cap, h), t) * w).sum()
 
     def piece_with_grad(h, t, w):
-        z = head_logits(linear, cap, h)
-        value = loss_of(z, t, w)
-        d = mx.softmax(z, axis=-1, precise=True)
-        d = mx.put_along_axis(d, t[:, None], mx.take_along_axis(d, t[:, None], axis=-1) - 1.0, axis=-1)
-        if cap is not None:
-            d = d * (1.0 - mx.square(z / cap))
-        _, (dh,) = mx.vjp(linear, [h], [d.astype(h.dtype)])
-        return value, dh * w[:, None].astype(dh.dtype)  # scaling rows of d = scaling rows of dh
+        ce, dh = _slice_ce_and_grad(linear, cap, h, t)
+        return (ce * w).sum(), dh * w[:, None].astype(dh.dtype)  # scaling rows of d = scaling rows of dh
 
     def slices(n):
         return [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
@@ -145,22 +156,11 @@ def token_losses(linear, cap, chunk: int = DEFAULT_CHUNK, grad: bool = True):
     forward pass, which a fixed-weight sum cannot express."""
     import mlx.core as mx
 
-    def piece(h, t):
-        z = head_logits(linear, cap, h)
-        ce = mx.logsumexp(z, axis=-1) - mx.take_along_axis(z, t[:, None], axis=-1)[:, 0]
-        d = mx.softmax(z, axis=-1, precise=True)
-        d = mx.put_along_axis(d, t[:, None], mx.take_along_axis(d, t[:, None], axis=-1) - 1.0, axis=-1)
-        if cap is not None:
-            d = d * (1.0 - mx.square(z / cap))
-        _, (dh,) = mx.vjp(linear, [h], [d.astype(h.dtype)])
-        return ce, dh
-
     def forward_only(h, t):
         values, prev = [], None
         for s in range(0, h.shape[0], chunk):
             hs = h[s:s + chunk] if prev is None else mx.depends(h[s:s + chunk], prev)
-            z = head_logits(linear, cap, hs)
-            prev = mx.logsumexp(z, axis=-1) - mx.take_along_axis(z, t[s:s + chunk, None], axis=-1)[:, 0]
+            prev = _token_ce(head_logits(linear, cap, hs), t[s:s + chunk])
             values.append(prev)
         return mx.concatenate(values)
 
@@ -172,7 +172,7 @@ def token_losses(linear, cap, chunk: int = DEFAULT_CHUNK, grad: bool = True):
         values, grads, prev = [], [], None
         for s in range(0, h.shape[0], chunk):
             hs = h[s:s + chunk] if prev is None else mx.depends(h[s:s + chunk], prev)  # one slice at a time
-            ce, dh = piece(hs, t[s:s + chunk])
+            ce, dh = _slice_ce_and_grad(linear, cap, hs, t[s:s + chunk])
             values.append(ce)
             grads.append(dh)
             prev = [ce, dh]
