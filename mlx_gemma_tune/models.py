@@ -27,12 +27,19 @@ Gemma 3 (`gemma3_text`, and the text model inside `gemma3`):
     to the weights' dtype (Gemma3TextScaledWordEmbedding), so float32 models disagreed by up
     to 0.29 in logits. Fix: the scale in the embeddings' dtype. (Exact in bfloat16 already,
     and at the fixtures' hidden 64, whose square root is 8.)
+
+Fast paths (every Gemma family, _fast_paths): a cache-free forward attends in blocks over the keys
+its mask allows (attention.py), and the MLPs compute gelu(gate) * up as fastmath.geglu (the same
+function, one activation array less kept for the backward pass). Same numbers to float32 rounding
+(tests/test_attention.py, and the exactness tests above run through them).
 """
 
 from __future__ import annotations
 
 import functools
 from pathlib import Path
+
+from mlx_gemma_tune.attention import PassThroughKV
 
 # sha256 of inspect.getsource() of each mlx-lm function we override, for the version we
 # verified. tests/test_exactness.py fails when mlx-lm's code changes, so the override is
@@ -42,34 +49,22 @@ OVERRIDDEN_SOURCE_SHA256 = {
     "mlx_lm.models.gemma3n.MLP.__call__": "ddd94c5780f459cc756baa25d6ad311c54834630927f3481c0aa69bcfb65f8ee",
     "mlx_lm.models.gemma3n.gelu_topk": "eb6974558c7fbe0f2dddd4c46d6d87524127efa67414090e55f1c55221d94b8d",
     "mlx_lm.models.gemma3_text.Gemma3Model.__call__": "e65de4285bbd483539024393fa63f30974a7a05b1f551a53ff5b4196c9889653",
+    "mlx_lm.models.gemma3_text.MLP.__call__": "af866537bc38d7c4f06832d35fee07e60dfa5e8d5dd0825fc85bac4ab265c4b5",
+    # replaced in the Gemma modules' namespaces (attention.install, _fast_paths)
+    "mlx_lm.models.base.create_attention_mask": "a8ebacf963b3f96e9ad838a7a870d1ef6da33aec5233b133b0d0c744c3b33e5e",
+    "mlx_lm.models.base.scaled_dot_product_attention": "8deba4a8a8fb4e29f1e69ea81701da68f08f90656e1421a1e7a82332aadc41c1",
+    "mlx_lm.models.gemma4_text.geglu": "fb52a0371527ca4b13f8094ca37525509cc8e872a0b59e9cf4feab1ff162bf12",
 }
 ALTUP_EPS = 1e-5  # transformers' Gemma3nTextModel clamps mean(x^2) here
 TOPK_VAR_EPS = 1e-12
-
-
-class PassThroughKV:
-    """A training stand-in for a KV cache: keeps the K/V of one forward pass.
-
-    It has no `make_mask`, `offset` 0 and no quantization, so masks and attention are
-    exactly those of a cache-free forward; its only job is to give KV-shared layers
-    the keys and values their source layer computed in this pass.
-    """
-
-    offset = 0
-
-    def update_and_fetch(self, keys, values):
-        self._kv = (keys, values)
-        return keys, values
-
-    def keys_and_values(self):
-        return self._kv
 
 
 @functools.cache
 def _gemma3n_language_model_class():
     import mlx.core as mx
     from mlx_lm.models import gemma3n
-    from mlx_lm.models.base import create_attention_mask
+
+    from mlx_gemma_tune.attention import make_mask as create_attention_mask
 
     def magnitude(x):
         return mx.sqrt(mx.maximum(mx.mean(x**2, axis=-1, keepdims=True), ALTUP_EPS))
@@ -123,8 +118,9 @@ def _gemma3n_language_model_class():
 @functools.cache
 def _gemma3n_mlp_class():
     import mlx.core as mx
-    import mlx.nn as nn
     from mlx_lm.models import gemma3n
+
+    from mlx_gemma_tune import fastmath
 
     class MLP(gemma3n.MLP):
         """mlx-lm's Gemma 3n MLP whose Gaussian top-k has a finite gradient on zero rows."""
@@ -136,10 +132,8 @@ def _gemma3n_mlp_class():
                 var = mx.mean(mx.square(gate - mean), axis=-1, keepdims=True)
                 std = mx.sqrt(mx.maximum(var, TOPK_VAR_EPS))
                 cutoff = mean + std * self._std_multiplier.astype(std.dtype)
-                act = nn.gelu_approx(mx.maximum(0, gate - cutoff))
-            else:
-                act = nn.gelu_approx(gate)
-            return self.down_proj(act * self.up_proj(x))
+                return self.down_proj(fastmath.gelu_approx(mx.maximum(0, gate - cutoff)) * self.up_proj(x))
+            return self.down_proj(fastmath.geglu(gate, self.up_proj(x)))
 
     return MLP
 
@@ -155,7 +149,8 @@ def _fix_gemma3n(model) -> None:
 def _gemma3_text_model_class():
     import mlx.core as mx
     from mlx_lm.models import gemma3_text
-    from mlx_lm.models.base import create_attention_mask
+
+    from mlx_gemma_tune.attention import make_mask as create_attention_mask
 
     class Gemma3Model(gemma3_text.Gemma3Model):
         """mlx-lm's Gemma 3 text model with the embedding scale in the embeddings' dtype."""
@@ -177,10 +172,48 @@ def _gemma3_text_model_class():
 def _fix_gemma3_text(model) -> None:
     inner = model.language_model.model if hasattr(model, "language_model") else model.model
     inner.__class__ = _gemma3_text_model_class()
+    for layer in inner.layers:
+        layer.mlp.__class__ = _gemma3_mlp_class()
+
+
+@functools.cache
+def _gemma3_mlp_class():
+    from mlx_lm.models import gemma3_text
+
+    from mlx_gemma_tune import fastmath
+
+    class MLP(gemma3_text.MLP):
+        """mlx-lm's Gemma 3 MLP with fastmath.geglu (the same function: faster on MLX's CPU backend, and
+        one activation array less kept per layer)."""
+
+        def __call__(self, x):
+            return self.down_proj(fastmath.geglu(self.gate_proj(x), self.up_proj(x)))
+
+    return MLP
+
+
+def _geglu(gate, x):
+    """mlx-lm gemma4_text.geglu as fastmath.geglu (the same function, less memory)."""
+    from mlx_gemma_tune import fastmath
+
+    return fastmath.geglu(gate, x)
+
+
+def _fast_paths(model) -> None:
+    """Cache-free forwards attend in blocks over the keys their mask allows (attention.py); the MLPs'
+    GELU is fastmath's (Gemma 3 through its MLP class, Gemma 4 through the module's geglu)."""
+    from mlx_lm.models import gemma4_text
+
+    from mlx_gemma_tune import attention
+
+    attention.install()
+    gemma4_text.geglu = _geglu
 
 
 # model_type (as mlx-lm builds it) -> fixes applied to every loaded model of that type
-FIXES = {"gemma3n": (_fix_gemma3n,), "gemma3_text": (_fix_gemma3_text,), "gemma3": (_fix_gemma3_text,)}
+FIXES = {"gemma3n": (_fix_gemma3n, _fast_paths), "gemma3_text": (_fix_gemma3_text, _fast_paths),
+         "gemma3": (_fix_gemma3_text, _fast_paths), "gemma4": (_fast_paths,),
+         "gemma4_text": (_fast_paths,)}
 
 
 def apply_fixes(model) -> list[str]:
@@ -218,112 +251,6 @@ def quantize_ple(model, bits: int = PLE_BITS, group_size: int = PLE_GROUP, evalu
                 parent = parent[int(part)] if part.isdigit() else getattr(parent, part)
             setattr(parent, last, q)
     return saved
-
-
-# ---- gradient checkpointing ------------------------------------------------------------------
-
-
-def _split_arrays(obj):
-    """(arrays in obj, rebuild(arrays) -> obj) for an array, a tuple/list of arrays, or anything else."""
-    import mlx.core as mx
-
-    if isinstance(obj, mx.array):
-        return [obj], lambda xs: xs[0]
-    if isinstance(obj, (tuple, list)) and obj and all(isinstance(v, mx.array) for v in obj):
-        return list(obj), lambda xs: type(obj)(xs)
-    return [], lambda xs: obj
-
-
-@functools.cache
-def _keyed_dropout_class():
-    import mlx.core as mx
-    import mlx.nn as nn
-
-    class KeyedDropout(nn.Dropout):
-        """nn.Dropout drawing its mask from a key set per call, so a recomputation repeats it."""
-
-        _mgt_key = None  # a plain attribute (object.__setattr__), not a parameter
-
-        def __call__(self, x):
-            if self._p_1 == 1 or not self.training:
-                return x
-            mask = mx.random.bernoulli(self._p_1, x.shape, key=self._mgt_key)
-            return (mask * x) * (1 / self._p_1)
-
-    return KeyedDropout
-
-
-@functools.cache
-def _checkpointed_class(cls):
-    import mlx.core as mx
-    import mlx.nn as nn
-
-    class Checkpointed(cls):
-        """The layer, recomputed in the backward pass instead of keeping its activations.
-
-        Arrays among the arguments (including tuples of arrays, e.g. Gemma 4's shared K/V)
-        are checkpoint inputs, so gradients flow through them; the layer's dropouts draw from a
-        key captured as a constant, so the recomputation repeats the forward pass's masks.
-        """
-
-        _mgt_checkpointed = True
-
-        def __call__(self, *args, **kwargs):
-            names = list(kwargs)
-            parts = [_split_arrays(a) for a in args] + [_split_arrays(kwargs[k]) for k in names]
-            sizes = [len(arrays) for arrays, _ in parts]
-            dropouts = [m for _, m in self.named_modules() if isinstance(m, nn.Dropout)]
-            key = mx.stop_gradient(mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32))  # global state
-            rebuild_out = []
-
-            def inner(params, *flat):  # the key is captured: a constant, the same in the recomputation
-                self.update(params)
-                values, at = [], 0
-                for (_, rebuild), n in zip(parts, sizes):
-                    values.append(rebuild(list(flat[at:at + n])))
-                    at += n
-                for d, k in zip(dropouts, mx.random.split(key, max(len(dropouts), 2))):
-                    d.__class__ = _keyed_dropout_class()
-                    object.__setattr__(d, "_mgt_key", k)
-                out = cls.__call__(self, *values[:len(args)], **dict(zip(names, values[len(args):])))
-                items = list(out) if isinstance(out, tuple) else [out]
-                split = [_split_arrays(o) for o in items]
-                rebuild_out[:] = [(len(a), r) for a, r in split] + [isinstance(out, tuple)]
-                return [a for arrays, _ in split for a in arrays]
-
-            flat_in = [a for arrays, _ in parts for a in arrays]
-            flat_out = mx.checkpoint(inner)(self.trainable_parameters(), *flat_in)
-            *pieces, is_tuple = rebuild_out
-            outs, at = [], 0
-            for n, rebuild in pieces:
-                outs.append(rebuild(flat_out[at:at + n]))
-                at += n
-            return tuple(outs) if is_tuple else outs[0]
-
-    Checkpointed.__name__ = Checkpointed.__qualname__ = f"Checkpointed{cls.__name__}"
-    return Checkpointed
-
-
-def checkpoint_layers(model) -> int:
-    """Make every decoder layer recompute its activations in the backward pass; returns how many.
-
-    Gemma 3n's KV-sharing layers pass K/V through cache objects (a side channel mx.checkpoint
-    cannot differentiate through), so its KV-source and KV-shared layers are left as they are.
-    """
-    layers = model.layers
-    inner = getattr(getattr(model, "model", None), "language_model", None)
-    skip: set[int] = set()
-    if inner is not None and hasattr(inner, "layer_idx_to_cache_idx"):
-        first = inner.first_kv_shared_layer_idx
-        skip = set(range(first, len(layers))) | {inner.layer_idx_to_cache_idx[i] for i in range(first, len(layers))}
-    count = 0
-    for i, layer in enumerate(layers):
-        if i in skip:
-            continue
-        if not getattr(type(layer), "_mgt_checkpointed", False):
-            layer.__class__ = _checkpointed_class(type(layer))
-        count += 1
-    return count
 
 
 def _gemma3n_text_classes(config: dict):

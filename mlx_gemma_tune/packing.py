@@ -15,7 +15,7 @@ The mask reaches mlx-lm's unmodified Gemma models the way a KV cache's does: thr
 
 from __future__ import annotations
 
-from mlx_gemma_tune.models import PassThroughKV
+from mlx_gemma_tune.attention import PassThroughKV
 
 
 class PackedKV(PassThroughKV):

@@ -68,7 +68,7 @@ def test_gemma3n_override_is_pinned(hf_model):
 
     from mlx_gemma_tune import models
 
-    assert len(models.OVERRIDDEN_SOURCE_SHA256) == 4
+    assert len(models.OVERRIDDEN_SOURCE_SHA256) == 8
     for name, digest in models.OVERRIDDEN_SOURCE_SHA256.items():
         module, _, path = name.partition(".models.")[2].partition(".")
         obj = importlib.import_module(f"mlx_lm.models.{module}")
@@ -81,11 +81,12 @@ def test_gemma3n_override_is_pinned(hf_model):
     x = mx.array([TOKENS_24])
     gap = float(mx.abs(stock(x) - stock(x, cache=make_prompt_cache(stock))).max())
     assert gap > 1e-2, "mlx-lm now shares KV without a cache: the override may be obsolete"
-    # ... and ours is the fixed class; fixes are registered for Gemma 3n and Gemma 3 only.
+    # ... and ours is the fixed class; fixes are registered for Gemma 3n, Gemma 3 and (blocked attention,
+    # fastmath's GELU) Gemma 4.
     ours, _ = models.load_model(hf_model("gemma3n"))
     assert type(ours.model.language_model).__module__ == "mlx_gemma_tune.models"
     assert all(type(layer.mlp).__module__ == "mlx_gemma_tune.models" for layer in ours.layers)
-    assert set(models.FIXES) == {"gemma3n", "gemma3_text", "gemma3"}
+    assert set(models.FIXES) == {"gemma3n", "gemma3_text", "gemma3", "gemma4", "gemma4_text"}
 
 
 def _zero_pad_row_copy(hf_model, tmp_path) -> Path:
