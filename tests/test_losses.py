@@ -56,6 +56,7 @@ def test_chunked_loss_and_grads_equal_plain(family, quantized, hf_model, tmp_pat
 
 def test_split_head_reproduces_the_model(hf_model):
     import mlx.core as mx
+    import numpy as np
 
     from mlx_gemma_tune import losses, models
 
@@ -63,7 +64,10 @@ def test_split_head_reproduces_the_model(hf_model):
     for family in FAMILIES:
         model, _ = models.load_model(hf_model(family))
         hidden, linear, cap = losses.split_head(model)
-        assert float(mx.abs(losses.head_logits(linear, cap, hidden(x)) - model(x)).max()) == 0.0, family
+        # exact without a soft-cap; with one, fastmath.tanh and mx.tanh agree to a few float32 ulps of 1,
+        # times the cap
+        bound = 0.0 if cap is None else 8 * float(np.finfo(np.float32).eps) * cap
+        assert float(mx.abs(losses.head_logits(linear, cap, hidden(x)) - model(x)).max()) <= bound, family
 
 
 @pytest.mark.parametrize("cap", [None, 0.7])
