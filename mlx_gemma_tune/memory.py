@@ -4,27 +4,30 @@ peak = weights + adapter (parameters, gradients, two AdamW moments, all float32)
      + activations kept for the backward pass + the loss's logits work.
 
 Activations per token and decoder layer are counted in "widths" of the tensors MLX keeps:
-ACT_LINEAR copies of the layer's hidden / projection / MLP widths and ACT_SCORES copies of the
-attention scores (heads x sequence length: attention is materialised on the backward path).
-With gradient checkpointing only each layer's input is kept, plus one layer being recomputed.
+ACT_LINEAR copies of the layer's hidden / projection / MLP widths and ACT_SCORES float32 copies of
+the attention probabilities (heads x the keys each query meets in attention.py's blocks: about
+window + block on a sliding layer, half the sequence on a global one). A checkpointed layer keeps
+only its input; the checkpointed layers are the first ones, recomputed last in the backward pass
+when the later layers' activations are freed, so recomputing adds nothing to the peak (measured);
+train.grad_checkpoint chooses how many (checkpointing.py).
 The loss holds float32 tensors of tokens x vocabulary: PLAIN_LOGIT_COPIES over all tokens for the
-plain loss; for the chunked one SLICE_COPIES per slice of `loss_chunk` target tokens, because MLX
-enqueues the next slices' work (and allocates their outputs) before the current one finishes, up
-to MAX_SLICE_COPIES (the loss alone: 1, 2, 3, 4, 6 slices of 256 -> 3, 6, 9, 10, 11 copies; inside
-a training step 3 and 4 slices peaked at ~7.8, since the trunk's work competes for the queue). The
-activation constants were fitted to benchmarks/train_speed.py's seq512 and seq2048 runs on Gemma 3
-270M, with and without gradient checkpointing. benchmarks/README.md compares estimate and measured
-peak per configuration; tests/test_memory.py checks two fixture configurations (within 15%).
+plain loss; for the chunked one SLICE_COPIES per slice of `loss_chunk` target tokens (its logits and
+their exponentials), because MLX enqueues the next slices' work (and allocates their outputs) before
+the current one finishes, up to MAX_SLICE_COPIES (measured on the 270M's 896 padded targets: 7 copies
+at slices of 128, 192 and 256). The constants were fitted to benchmarks/train_speed.py's seq2048 runs
+on Gemma 3 270M (2,036 tokens; no, 8 and all 18 layers checkpointed: within 4% each).
+benchmarks/README.md compares estimate and measured peak per configuration; tests/test_memory.py
+checks fixture configurations (within 15%).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-ACT_LINEAR = 2.7  # float-widths of hidden / projection / MLP tensors kept per token per layer
-ACT_SCORES = 2.0  # attention-score-sized tensors (heads x keys) per token per layer
-SLICE_COPIES = 3.0  # float32 (slice x vocab) tensors of one slice of the chunked loss (logits, softmax, gradient)
-MAX_SLICE_COPIES = 8.0  # at most this many alive across slices (MLX's run-ahead; measured in training steps)
+ACT_LINEAR = 2.81  # float-widths of hidden / projection / MLP tensors kept per token per layer
+ACT_SCORES = 1.0  # float32 attention probabilities (heads x keys met) per token per layer: one per block
+SLICE_COPIES = 2.0  # float32 (slice x vocab) tensors of one slice of the chunked loss (logits, exponentials)
+MAX_SLICE_COPIES = 7.0  # at most this many alive across slices (MLX's run-ahead; measured, see below)
 PLAIN_LOGIT_COPIES = 3.8  # the same for the plain loss over all tokens (fitted on plain mlx-lm's seq512 run)
 BUDGET_SHARE = 0.8  # of physical memory, where MLX reports no recommended working set
 GIB = 2**30
@@ -42,6 +45,8 @@ class Estimate:
     seq_len: int
     grad_checkpoint: bool
     loss_chunk: int | None
+    checkpointed_layers: int = 0  # of `layers`
+    layers: int = 0
 
     @property
     def over_budget(self) -> bool:
@@ -66,20 +71,42 @@ def _widths(text: dict) -> tuple[int, int, int, int]:
     return width, heads, int(text["num_hidden_layers"]), int(text["vocab_size"])
 
 
+def layer_windows(text: dict) -> list[int | None]:
+    """Each decoder layer's sliding window (None: global attention), from layer_types or the
+    sliding-window pattern of a text config (all global when it has neither)."""
+    n, window = int(text["num_hidden_layers"]), text.get("sliding_window")
+    types = text.get("layer_types")
+    if types and len(types) == n:
+        return [window if t == "sliding_attention" else None for t in types]
+    pattern = text.get("sliding_window_pattern") or text.get("_sliding_window_pattern")
+    if window and pattern:
+        return [None if (i + 1) % int(pattern) == 0 else int(window) for i in range(n)]
+    return [None] * n
+
+
 def estimate(config: dict, *, weight_bytes: int, adapter_parameters: int, batch: int, seq_len: int,
-             loss_chunk: int | None, grad_checkpoint: bool, act_bytes: int = 4, targets: int | None = None,
-             budget_bytes: int | None = None) -> Estimate:
-    """Predicted peak of one training step. targets: target tokens per batch (default: all)."""
-    from mlx_gemma_tune import families
+             loss_chunk: int | None, grad_checkpoint: bool | int, act_bytes: int = 4, targets: int | None = None,
+             budget_bytes: int | None = None, eligible: list[int] | None = None) -> Estimate:
+    """Predicted peak of one training step, in bytes turned to GiB (Estimate).
+
+    targets: target tokens per batch (default: all). grad_checkpoint: True (every eligible layer),
+    False / 0 (none) or a number of layers: the first of `eligible` (layer indices; default all), as
+    checkpointing.first chooses them.
+    """
+    from mlx_gemma_tune import attention, checkpointing, families
 
     text = families.text_config(config)
     width, heads, layers, vocab = _widths(text)
     tokens = batch * seq_len
-    per_layer = act_bytes * tokens * (ACT_LINEAR * width + ACT_SCORES * heads * seq_len)
-    if grad_checkpoint:
-        activations = act_bytes * tokens * int(text["hidden_size"]) * layers + per_layer
-    else:
-        activations = per_layer * layers
+    eligible = list(range(layers)) if eligible is None else eligible
+    count = len(eligible) if grad_checkpoint is True else int(grad_checkpoint or 0)
+    chosen = set(checkpointing.first(count, eligible))
+    per_layer = [tokens * (act_bytes * ACT_LINEAR * width + 4 * ACT_SCORES * heads * attention.keys_per_query(
+        seq_len, w)) for w in layer_windows(text)]
+    kept = act_bytes * tokens * int(text["hidden_size"])  # a checkpointed layer's input
+    # the first layers are checkpointed: the backward pass recomputes them last, when the later layers'
+    # activations are freed, so the peak stays where the loss runs (measured: all 18 of the 270M's)
+    activations = sum(kept if i in chosen else a for i, a in enumerate(per_layer))
     if loss_chunk:
         loss = 4 * vocab * _slice_copies(targets if targets is not None else tokens, loss_chunk)
     else:
@@ -89,7 +116,8 @@ def estimate(config: dict, *, weight_bytes: int, adapter_parameters: int, batch:
     return Estimate(weights_gb=weight_bytes / GIB, adapter_gb=adapter / GIB, activations_gb=activations / GIB,
                     loss_gb=loss / GIB, total_gb=total / GIB,
                     budget_gb=(budget_bytes / GIB) if budget_bytes else None, batch=batch, seq_len=seq_len,
-                    grad_checkpoint=grad_checkpoint, loss_chunk=loss_chunk)
+                    grad_checkpoint=bool(chosen), loss_chunk=loss_chunk, checkpointed_layers=len(chosen),
+                    layers=layers)
 
 
 def _slice_copies(targets: int, chunk: int) -> float:
@@ -98,7 +126,7 @@ def _slice_copies(targets: int, chunk: int) -> float:
 
     padded = padded_count(targets, chunk)
     size = min(chunk, padded)
-    return size * min(SLICE_COPIES * (padded // size), MAX_SLICE_COPIES)
+    return size * min(SLICE_COPIES * -(-padded // size), MAX_SLICE_COPIES)
 
 
 def budget_bytes() -> int | None:
@@ -131,9 +159,10 @@ def activation_bytes(model) -> int:
     return 4
 
 
-def estimate_for_run(prepared, bins=None, grad_checkpoint: bool = False, ranks: int = 1) -> Estimate:
+def estimate_for_run(prepared, bins=None, grad_checkpoint: bool | int = False, ranks: int = 1) -> Estimate:
     """The estimate for a prepared run (prepare.prepare_run), at its largest micro-batch (per rank:
-    a distributed run holds 1/ranks of each global batch on each Mac)."""
+    a distributed run holds 1/ranks of each global batch on each Mac). grad_checkpoint: True (every
+    layer that can be), False / 0, or a number of layers."""
     p = prepared
     batch = -(-p.recipe.train.batch_size // ranks)
     cfg = p.recipe.train
@@ -150,19 +179,38 @@ def estimate_for_run(prepared, bins=None, grad_checkpoint: bool = False, ranks: 
                       loss_chunk=cfg.loss_chunk, grad_checkpoint=grad_checkpoint, targets=targets)
 
 
+def estimate_with_checkpointing(prepared, bins=None, ranks: int = 1) -> Estimate:
+    """The estimate at the number of checkpointed layers train.grad_checkpoint asks for: auto (or null)
+    the fewest that fit the machine's budget (checkpointing.layers_to_fit; none when the run fits as
+    it is, all when nothing fits), true all, false none, a number that many."""
+    from mlx_gemma_tune import checkpointing
+
+    setting = prepared.recipe.train.grad_checkpoint
+    if setting not in (None, "auto"):
+        return estimate_for_run(prepared, bins, grad_checkpoint=setting, ranks=ranks)
+    count = checkpointing.layers_to_fit(
+        lambda n: estimate_for_run(prepared, bins, grad_checkpoint=n, ranks=ranks).over_budget,
+        len(checkpointing.eligible_layers(prepared.model)))
+    return estimate_for_run(prepared, bins, grad_checkpoint=count, ranks=ranks)
+
+
 def check_fits(prepared, bins=None, ranks: int = 1) -> None:
-    """Refuse a run whose estimated peak exceeds the machine's budget even with gradient checkpointing
-    (or without it, when train.grad_checkpoint is false): one line with the numbers and the switches
-    that lower it. train.memory_guard: false skips this. Raises UserError."""
+    """Refuse a run whose estimated peak exceeds the machine's budget even with the gradient checkpointing
+    train.grad_checkpoint allows (all layers for auto / true; none for false; that many for a number):
+    one line with the numbers and the switches that lower it. train.memory_guard: false skips this.
+    Raises UserError."""
     from mlx_gemma_tune.errors import UserError
 
     cfg = prepared.recipe.train
     if not cfg.memory_guard:
         return
-    est = estimate_for_run(prepared, bins, grad_checkpoint=cfg.grad_checkpoint is not False, ranks=ranks)
+    setting = True if cfg.grad_checkpoint in (None, "auto") else cfg.grad_checkpoint
+    est = estimate_for_run(prepared, bins, grad_checkpoint=setting, ranks=ranks)
     if not est.over_budget:
         return
-    ckpt = "" if cfg.grad_checkpoint is False else " with gradient checkpointing"
+    ckpt = "" if not est.checkpointed_layers else (
+        " with gradient checkpointing" + ("" if est.checkpointed_layers == est.layers
+                                          else f" of {est.checkpointed_layers} layers"))
     raise UserError(f"the estimated peak memory of a training step{ckpt}, {est.total_gb:.1f} GiB, exceeds this "
                     f"machine's budget of {est.budget_gb:.1f} GiB by {est.total_gb - est.budget_gb:.1f} GiB",
                     where="memory", hint="lower it: QLoRA (--quantize 4), a smaller train.batch_size (with "
@@ -171,12 +219,14 @@ def check_fits(prepared, bins=None, ranks: int = 1) -> None:
 
 
 def _for_model(model, config: dict, **settings) -> Estimate:
-    """estimate() for a loaded model with its adapter applied (the adapter is float32)."""
-    from mlx_gemma_tune import lora
+    """estimate() for a loaded model with its adapter applied (the adapter is float32); checkpointing
+    counts only the layers checkpointing.eligible_layers allows."""
+    from mlx_gemma_tune import checkpointing, lora
 
     adapter = lora.trainable_parameters(model)
     return estimate(config, weight_bytes=model_bytes(model) - 4 * adapter, adapter_parameters=adapter,
-                    act_bytes=activation_bytes(model), budget_bytes=budget_bytes(), **settings)
+                    act_bytes=activation_bytes(model), budget_bytes=budget_bytes(),
+                    eligible=checkpointing.eligible_layers(model), **settings)
 
 
 def estimate_for_model(model_path, recipe) -> Estimate:
@@ -193,5 +243,14 @@ def estimate_for_model(model_path, recipe) -> Estimate:
                                                 targets=lo.targets, num_layers=lo.num_layers,
                                                 experts=lo.experts, method=lo.method))
     t = recipe.train
-    return _for_model(model, config, batch=t.batch_size, seq_len=recipe.data.max_seq_length,
-                      loss_chunk=t.loss_chunk, grad_checkpoint=bool(t.grad_checkpoint))
+
+    def at(ckpt) -> Estimate:
+        return _for_model(model, config, batch=t.batch_size, seq_len=recipe.data.max_seq_length,
+                          loss_chunk=t.loss_chunk, grad_checkpoint=ckpt)
+
+    if t.grad_checkpoint in (None, "auto"):  # as train will: the fewest checkpointed layers that fit
+        from mlx_gemma_tune import checkpointing
+
+        return at(checkpointing.layers_to_fit(lambda n: at(n).over_budget,
+                                              len(checkpointing.eligible_layers(model))))
+    return at(t.grad_checkpoint)

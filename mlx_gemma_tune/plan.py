@@ -10,7 +10,8 @@ the published totals), so a plan needs neither the weights nor the network.
 
 A Mac's budget is Metal's recommended working set, WORKING_SET_SHARE of its memory (measured:
 11.84 GB of a 16 GB M3, 17.76 GiB of a 24 GB Mac). When a setup does not fit, the switches are
-tried in the order that costs least: gradient checkpointing (slower steps), QLoRA 4-bit (the
+tried in the order that costs least: gradient checkpointing (slower steps; train.grad_checkpoint: auto
+checkpoints the fewest layers that fit, and so does the plan), QLoRA 4-bit (the
 base quantized), a smaller batch (with gradient accumulation the effective batch stays), shorter
 rows; the first combination that fits is reported.
 """
@@ -62,7 +63,7 @@ class Setup:
     bits: int | None
     batch: int
     seq_len: int
-    grad_checkpoint: bool | None  # None: on by itself when the estimate is over budget (train's default)
+    grad_checkpoint: bool | int | str | None  # "auto" / None: the fewest layers that fit (train's default)
     recipe: object = field(repr=False, default=None)
 
 
@@ -71,7 +72,7 @@ class PlanRow:
     setup: str
     mac_gb: int
     budget_gb: float  # GiB: the Mac's recommended working set
-    estimate_gb: float  # GiB: the setup as the recipe says (checkpointing on if it turns on by itself)
+    estimate_gb: float  # GiB: the setup as the recipe says (auto: the fewest checkpointed layers that fit)
     fits: bool
     switches: list[str]  # what makes it fit, as --set KEY=VALUE assignments in order (empty: fits as is)
     fit_estimate_gb: float | None  # GiB with those switches; None when nothing tried fits
@@ -117,9 +118,8 @@ def plan(model: str, setups: list[Setup] | None = None, sizes: tuple[int, ...] =
     for s in setups:
         for gb in sizes:
             budget = WORKING_SET_SHARE * gb * GIB
-            as_is = _estimate(config, s, s.bits, s.batch, s.seq_len, bool(s.grad_checkpoint), budget, built)
-            if s.grad_checkpoint is None and as_is.over_budget:  # train turns checkpointing on by itself
-                as_is = _estimate(config, s, s.bits, s.batch, s.seq_len, True, budget, built)
+            ckpt = "auto" if s.grad_checkpoint in (None, "auto") else s.grad_checkpoint
+            as_is = _estimate(config, s, s.bits, s.batch, s.seq_len, ckpt, budget, built)
             row = PlanRow(s.name, gb, round(budget / GIB, 2), round(as_is.total_gb, 2), not as_is.over_budget, [],
                           round(as_is.total_gb, 2), s.batch, s.seq_len)
             if as_is.over_budget:
@@ -132,8 +132,8 @@ def plan(model: str, setups: list[Setup] | None = None, sizes: tuple[int, ...] =
 
 def _find_fit(config: dict, s: Setup, budget: float, row: PlanRow, built: dict) -> None:
     """The cheapest switches (module doc) that bring the setup under budget, written into row."""
-    ckpt, bits, batch, seq, switches = True, s.bits, s.batch, s.seq_len, []
-    if s.grad_checkpoint is False:  # (None: train turns it on by itself when over budget)
+    ckpt, bits, batch, seq, switches = "auto", s.bits, s.batch, s.seq_len, []
+    if s.grad_checkpoint is not True and s.grad_checkpoint not in (None, "auto"):  # (auto: train turns it on)
         switches.append("train.grad_checkpoint=true")
 
     def est():
@@ -160,14 +160,23 @@ def _find_fit(config: dict, s: Setup, budget: float, row: PlanRow, built: dict) 
         row.switches, row.fit_estimate_gb, row.batch, row.seq_len = switches, round(e.total_gb, 2), batch, seq
 
 
-def _estimate(config: dict, s: Setup, bits, batch: int, seq: int, ckpt: bool, budget: float, built: dict):
-    """memory.estimate() of setup s with these settings (every token a target: the worst case)."""
-    from mlx_gemma_tune import memory
+def _estimate(config: dict, s: Setup, bits, batch: int, seq: int, ckpt, budget: float, built: dict):
+    """memory.estimate() of setup s with these settings (every token a target: the worst case).
+    ckpt: True / False / a number of checkpointed layers, or "auto": the fewest that fit, as train does."""
+    from mlx_gemma_tune import checkpointing, memory
 
     model, adapter = _model(config, bits, s, built)
-    return memory.estimate(config, weight_bytes=memory.model_bytes(model) - 4 * adapter, adapter_parameters=adapter,
-                           batch=batch, seq_len=seq, loss_chunk=s.recipe.train.loss_chunk, grad_checkpoint=ckpt,
-                           act_bytes=memory.activation_bytes(model), budget_bytes=int(budget))
+
+    def at(n):
+        return memory.estimate(config, weight_bytes=memory.model_bytes(model) - 4 * adapter,
+                               adapter_parameters=adapter, batch=batch, seq_len=seq,
+                               loss_chunk=s.recipe.train.loss_chunk, grad_checkpoint=n,
+                               act_bytes=memory.activation_bytes(model), budget_bytes=int(budget),
+                               eligible=checkpointing.eligible_layers(model))
+
+    if ckpt == "auto":
+        ckpt = checkpointing.layers_to_fit(lambda n: at(n).over_budget, len(checkpointing.eligible_layers(model)))
+    return at(ckpt)
 
 
 def _model(config: dict, bits, s: Setup | None, built: dict):

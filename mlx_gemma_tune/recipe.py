@@ -13,7 +13,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlx_gemma_tune.errors import InputError, UserError
+from mlx_gemma_tune.errors import InputError
+from mlx_gemma_tune.recipe_yaml import parse_set, read_yaml, set_origins, yaml_lines  # noqa: F401 (recipe's API)
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 REQUIRED = "<required>"
@@ -85,11 +86,13 @@ class TrainConfig:
     early_stopping_metric: str = _f("loss", "What the best adapter and early stopping follow: the validation loss, "
                                     "or (dpo / orpo) the held-out reward accuracy.", ("loss", "reward_accuracy"))
     compile: bool = _f(True, "Compile the training step with mx.compile (faster); false to debug.")
-    loss_chunk: int | None = _f(256, "Target tokens per slice of logits in the chunked loss (full logits are "
+    loss_chunk: int | None = _f(192, "Target tokens per slice of logits in the chunked loss (full logits are "
                                           "never held); null = the plain loss over full logits.")
-    grad_checkpoint: bool | None = _f(None, "Recompute each layer in the backward pass instead of keeping "
-                                                "its activations (much less memory, 15-30% slower steps measured); null = only "
-                                                "when the memory estimate exceeds the machine's budget.")
+    grad_checkpoint: bool | int | str | None = _f("auto", "Recompute layers in the backward pass instead of keeping "
+                                                  "their activations: auto = the fewest layers that make the memory "
+                                                  "estimate fit the machine's budget (none when it fits); a number = "
+                                                  "that many layers (the first ones); true = all; false = none.",
+                                                  ("auto",))
     val_batches: int | None = _f(None, "Limit each validation to this many batches; null = all.")
     objective: str = _f("sft", "sft: next-token loss on the answers; dpo / orpo: preference pairs (prompt, chosen, "
                         "rejected), see README 'Preference tuning'.", ("sft", "dpo", "orpo"))
@@ -162,60 +165,7 @@ def find_recipe(name_or_path: str) -> Path:
     raise InputError("is neither a recipe file nor a shipped recipe name", where=name_or_path, hint=hint)
 
 
-def read_yaml(path: Path) -> dict:
-    import yaml
-
-    try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f"line {mark.line + 1}: " if mark else ""
-        raise InputError(f"is not valid YAML ({line}{getattr(exc, 'problem', None) or exc})", where=str(path)) from None
-    except UnicodeDecodeError:
-        raise InputError("is not UTF-8 text", where=str(path)) from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise InputError("must be a mapping of sections (model, data, lora, train)", where=str(path))
-    return raw
-
-
 # ---- building a validated Recipe ------------------------------------------------------------
-
-
-def parse_set(items: list[str]) -> dict[str, object]:
-    """--set key=value pairs; values are read as YAML (numbers, true/false, null, lists)."""
-    import yaml
-
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise UserError(f"--set expects key=value, got '{item}'", hint="e.g. --set lora.rank=8")
-        key, value = item.split("=", 1)
-        try:
-            out[key.strip()] = yaml.safe_load(value) if value.strip() else None
-        except yaml.YAMLError:
-            out[key.strip()] = value
-    return out
-
-
-def set_origins(items: list[str]) -> dict[str, str]:
-    """key -> the `--set key=value` it came from, for messages that name a value's origin."""
-    return {item.split("=", 1)[0].strip(): f"--set {item}" for item in items if "=" in item}
-
-
-def yaml_lines(path: Path) -> dict[str, int]:
-    """'section.key' (and 'section') -> the 1-based line of a recipe YAML file it is written on."""
-    import yaml
-
-    try:
-        root = yaml.compose(Path(path).read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return {}
-    pairs = root.value if isinstance(root, yaml.MappingNode) else []
-    lines = {str(k.value): k.start_mark.line + 1 for k, _ in pairs}
-    return lines | {f"{k.value}.{sub.value}": sub.start_mark.line + 1
-                    for k, body in pairs if isinstance(body, yaml.MappingNode) for sub, _ in body.value}
 
 
 def build(raw: dict | None = None, overrides: dict[str, object] | None = None, source: str = "recipe", *,
@@ -318,6 +268,10 @@ def _check(f: dataclasses.Field, value):
             return True, value, ""
         return False, None, f"expected a name or a list of names, got {value!r}"
     kind = base[0]
+    if bool in base and int in base:  # a switch that also takes a count or a named choice (grad_checkpoint)
+        if isinstance(value, bool) or (isinstance(value, int) and value >= 0) or (choices and value in choices):
+            return True, value, ""
+        return False, None, f"expected true, false, a number of layers or {' or '.join(choices)}, got {value!r}"
     if kind is bool:
         if isinstance(value, bool):
             return True, value, ""

@@ -53,10 +53,12 @@ class RunStart:
     trainable_parameters: int
     modules: int  # adapted modules
     packed_sequences: int | None  # with data.pack
-    grad_checkpoint: bool
-    memory_estimate_gb: float | None  # GiB, without gradient checkpointing
+    grad_checkpoint: bool  # some layers are recomputed in the backward pass
+    memory_estimate_gb: float | None  # GiB, with the checkpointing chosen
     memory_budget_gb: float | None  # GiB
     device: str = "gpu"  # where MLX computes: "gpu" (Metal) or "cpu"
+    checkpointed_layers: int = 0  # of `layers` decoder layers
+    layers: int = 0
 
 
 @dataclass

@@ -68,7 +68,7 @@ class _Loop:
     def __init__(self, p, callback: TrainCallback, control: Control, loss: LossFunction | None):
         import mlx.optimizers as optim
 
-        from mlx_gemma_tune import memory, models, rundir
+        from mlx_gemma_tune import checkpointing, memory, rundir
         from mlx_gemma_tune.schedule import lr_schedule, plan
 
         self.p, self.world, self.cfg, self.cb, self.control = p, p.world, p.recipe.train, callback, control
@@ -88,10 +88,8 @@ class _Loop:
         self.state = self._restore()
         self.metrics = (rundir.Metrics(self.run_dir, keep_lines=self.state.metrics_lines) if self.world.main
                         else rundir.MetricsInMemory())
-        self.estimate = memory.estimate_for_run(p, self.bins, ranks=self.world.size)
-        self.checkpointing = cfg.grad_checkpoint if cfg.grad_checkpoint is not None else self.estimate.over_budget
-        if self.checkpointing:
-            models.checkpoint_layers(self.model)
+        self.estimate = memory.estimate_with_checkpointing(p, self.bins, ranks=self.world.size)
+        self.checkpointing = checkpointing.checkpoint_layers(self.model, self.estimate.checkpointed_layers)
         self.step_fn = make_step(self.model, self.optimizer, cfg.max_grad_norm, compile=cfg.compile,
                                  chunk=cfg.loss_chunk, world=self.world, loss=loss)
         self.epoch_cache: dict[int, list[list[int]]] = {}
@@ -125,7 +123,8 @@ class _Loop:
             trainable_parameters=lora.trainable_parameters(self.model), modules=len(p.lora.modules),
             packed_sequences=len(self.bins) if self.bins is not None else None,
             grad_checkpoint=bool(self.checkpointing), memory_estimate_gb=self.estimate.total_gb,
-            memory_budget_gb=self.estimate.budget_gb, device=_device()))
+            memory_budget_gb=self.estimate.budget_gb, device=_device(), checkpointed_layers=self.checkpointing,
+            layers=len(self.model.layers)))
         started = time.monotonic()
         if self.objective is not None and self.objective.needs_reference:
             self._reference()

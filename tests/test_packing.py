@@ -94,20 +94,25 @@ def _assert_same(a, b, tol=1e-5):
 def test_gradient_checkpointing_gives_the_same_gradients(family, hf_model, monkeypatch):
     import mlx.core as mx
 
-    from mlx_gemma_tune import models, packing
+    from mlx_gemma_tune import checkpointing, packing
 
     ex = _examples()
     batch = packing.batch_arrays([[ex[0], ex[1]], [ex[2], ex[3]]])
     model = _lora_model(hf_model(family))
     plain = _grads(model, batch)
-    # the Gemma 3n fixture's 4 layers are all KV-source or KV-shared layers, which stay as they are
-    assert models.checkpoint_layers(model) == (0 if family == "gemma3n" else 4)
+    # selective: 2 of the 4 layers (the Gemma 3n fixture's 4 layers are all KV-source or KV-shared
+    # layers, which stay as they are), then all of them
+    assert checkpointing.checkpoint_layers(model, 2) == (0 if family == "gemma3n" else 2)
+    assert [type(layer).__name__.startswith("Checkpointed") for layer in model.layers] == (
+        [False] * 4 if family == "gemma3n" else [True, True, False, False])
+    _assert_same(plain, _grads(model, batch))
+    assert checkpointing.checkpoint_layers(model) == (0 if family == "gemma3n" else 4)
     _assert_same(plain, _grads(model, batch))
 
     # with dropout, the recomputation must draw the forward pass's masks: compare with the same
     # layers run without mx.checkpoint (same key handling, activations kept)
     model = _lora_model(hf_model(family), dropout=0.3)
-    models.checkpoint_layers(model)
+    checkpointing.checkpoint_layers(model)
     with_ckpt = _grads(model, batch)
     monkeypatch.setattr(mx, "checkpoint", lambda f: f)
     _assert_same(with_ckpt, _grads(model, batch))

@@ -227,7 +227,9 @@ def show_memory_estimate(model: str, est) -> None:
     t.add_row("Weights", f"{est.weights_gb:.2f} GiB", "")
     t.add_row("Adapter + optimizer", f"{est.adapter_gb:.2f} GiB", "parameters, gradients, AdamW moments")
     t.add_row("Activations", f"{est.activations_gb:.2f} GiB",
-              f"batch {est.batch} x {est.seq_len} tokens" + (", gradient checkpointing" if est.grad_checkpoint else ""))
+              f"batch {est.batch} x {est.seq_len} tokens" + (
+                  f", gradient checkpointing {est.checkpointed_layers} of {est.layers} layers"
+                  if est.grad_checkpoint else ""))
     t.add_row("Loss (logits)", f"{est.loss_gb:.2f} GiB", loss)
     t.add_row("Total", f"{est.total_gb:.2f} GiB", "")
     if est.budget_gb:

@@ -76,9 +76,10 @@ class TrainDashboard(TrainCallback):
         if start.memory_estimate_gb is not None:
             packed = f"{start.packed_sequences} packed sequences; " if start.packed_sequences else ""
             budget = f" of a {start.memory_budget_gb:.1f} GiB budget" if start.memory_budget_gb else ""
-            ckpt = "on" if start.grad_checkpoint else "off"
-            self.console.print(f"{packed}estimated peak memory {start.memory_estimate_gb:.2f} GiB{budget} "
-                               f"without gradient checkpointing; checkpointing {ckpt}", soft_wrap=True)
+            n = start.checkpointed_layers
+            ckpt = "off" if not n else f"{n} of {start.layers} layers" if n < start.layers else f"all {n} layers"
+            self.console.print(f"{packed}estimated peak memory {start.memory_estimate_gb:.2f} GiB{budget}; "
+                               f"gradient checkpointing {ckpt}", soft_wrap=True)
         if start.device == "cpu":
             self.console.print("MLX runs on the CPU here (no Metal GPU): expect seconds per step, not milliseconds",
                                soft_wrap=True)
