@@ -13,9 +13,11 @@ train.grad_checkpoint chooses how many (checkpointing.py).
 The loss holds float32 tensors of tokens x vocabulary: PLAIN_LOGIT_COPIES over all tokens for the
 plain loss; for the chunked one SLICE_COPIES per slice of `loss_chunk` target tokens (its logits and
 their exponentials), because MLX enqueues the next slices' work (and allocates their outputs) before
-the current one finishes, up to MAX_SLICE_COPIES (measured on the 270M's 896 padded targets: 7 copies
-at slices of 128, 192 and 256). The constants were fitted to benchmarks/train_speed.py's seq2048 runs
-on Gemma 3 270M (2,036 tokens; no, 8 and all 18 layers checkpointed: within 4% each).
+the current one finishes, up to MAX_SLICE_COPIES (the loss alone on the 270M's 896 padded targets held
+7 copies at slices of 128, 192 and 256; inside a training step, where the trunk's work shares the
+queue, the peak sat ~3 slices higher, with and without checkpointing). The constants were fitted to
+benchmarks/train_speed.py's seq2048 runs on Gemma 3 270M (2,036 tokens; no layer and 10 of 18
+checkpointed: within 3%).
 benchmarks/README.md compares estimate and measured peak per configuration; tests/test_memory.py
 checks fixture configurations (within 15%).
 """
@@ -27,7 +29,7 @@ from dataclasses import asdict, dataclass
 ACT_LINEAR = 2.81  # float-widths of hidden / projection / MLP tensors kept per token per layer
 ACT_SCORES = 1.0  # float32 attention probabilities (heads x keys met) per token per layer: one per block
 SLICE_COPIES = 2.0  # float32 (slice x vocab) tensors of one slice of the chunked loss (logits, exponentials)
-MAX_SLICE_COPIES = 7.0  # at most this many alive across slices (MLX's run-ahead; measured, see below)
+MAX_SLICE_COPIES = 10.0  # at most this many alive across slices (MLX's run-ahead; fitted, see below)
 PLAIN_LOGIT_COPIES = 3.8  # the same for the plain loss over all tokens (fitted on plain mlx-lm's seq512 run)
 BUDGET_SHARE = 0.8  # of physical memory, where MLX reports no recommended working set
 GIB = 2**30
