@@ -55,6 +55,8 @@ OVERRIDDEN_SOURCE_SHA256 = {
     "mlx_lm.models.base.scaled_dot_product_attention": "8deba4a8a8fb4e29f1e69ea81701da68f08f90656e1421a1e7a82332aadc41c1",
     "mlx_lm.models.gemma4_text.geglu": "fb52a0371527ca4b13f8094ca37525509cc8e872a0b59e9cf4feab1ff162bf12",
 }
+# module globals of mlx-lm that _fast_paths replaced -> the originals (their sources are pinned above)
+REPLACED: dict[str, object] = {}
 ALTUP_EPS = 1e-5  # transformers' Gemma3nTextModel clamps mean(x^2) here
 TOPK_VAR_EPS = 1e-12
 
@@ -207,7 +209,9 @@ def _fast_paths(model) -> None:
     from mlx_gemma_tune import attention
 
     attention.install()
-    gemma4_text.geglu = _geglu
+    if gemma4_text.geglu is not _geglu:
+        REPLACED.setdefault("mlx_lm.models.gemma4_text.geglu", gemma4_text.geglu)
+        gemma4_text.geglu = _geglu
 
 
 # model_type (as mlx-lm builds it) -> fixes applied to every loaded model of that type
