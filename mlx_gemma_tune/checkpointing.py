@@ -3,7 +3,7 @@
 A checkpointed layer keeps only its inputs for the backward pass and runs its forward again there
 (mx.checkpoint): its activations (~30 hidden-widths per token for Gemma, plus attention scores) are
 not held across the step, for one more forward pass of that layer. `checkpoint_layers` does it for
-all of a model's layers or for the first n of them (selective recomputation); `layers_to_fit`
+all of a model's layers or for the first n of them (selective recomputation); `resolve`
 chooses n from memory.py's estimate and the machine's budget (train.grad_checkpoint: auto).
 """
 
@@ -118,15 +118,18 @@ def first(count: int, eligible: list[int]) -> list[int]:
     return eligible[:max(0, count)]
 
 
-def layers_to_fit(over_budget, eligible: int) -> int:
-    """The fewest checkpointed layers n (0..eligible) with over_budget(n) false; all when none fits.
-
-    over_budget: n -> bool, memory.estimate's verdict with n layers checkpointed (the estimate falls as
-    n grows, so the first n that fits is the fewest)."""
+def resolve(setting, eligible: int, at):
+    """The estimate for a train.grad_checkpoint setting, given at(n) -> memory.Estimate with n layers
+    checkpointed (True: all, False: none). auto (or None): the fewest n in 0..eligible whose estimate
+    fits the budget (it falls as n grows, so the first that fits is the fewest), all when none does;
+    any other setting: at(setting)."""
+    if setting not in (None, "auto"):
+        return at(setting)
     for n in range(eligible + 1):
-        if not over_budget(n):
-            return n
-    return eligible
+        est = at(n)
+        if not est.over_budget:
+            break
+    return est
 
 
 def checkpoint_layers(model, count: int | None = None) -> int:

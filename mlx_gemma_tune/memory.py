@@ -165,6 +165,11 @@ def estimate_for_run(prepared, bins=None, grad_checkpoint: bool | int = False, r
     """The estimate for a prepared run (prepare.prepare_run), at its largest micro-batch (per rank:
     a distributed run holds 1/ranks of each global batch on each Mac). grad_checkpoint: True (every
     layer that can be), False / 0, or a number of layers."""
+    return _run_estimator(prepared, bins, ranks)(grad_checkpoint)
+
+
+def _run_estimator(prepared, bins=None, ranks: int = 1):
+    """n -> the run's estimate with n checkpointed layers (the micro-batch's shape measured once)."""
     p = prepared
     batch = -(-p.recipe.train.batch_size // ranks)
     cfg = p.recipe.train
@@ -177,23 +182,19 @@ def estimate_for_run(prepared, bins=None, grad_checkpoint: bool | int = False, r
             batch *= 2
         seq_len = max((len(e.tokens) for e in rows), default=1)
         targets = sum(sorted((sum(e.mask) for e in rows), reverse=True)[:batch])
-    return _for_model(p.model, p.config, batch=batch, seq_len=max(seq_len - 1, 1),
-                      loss_chunk=cfg.loss_chunk, grad_checkpoint=grad_checkpoint, targets=targets)
+    return lambda n: _for_model(p.model, p.config, batch=batch, seq_len=max(seq_len - 1, 1),
+                                loss_chunk=cfg.loss_chunk, grad_checkpoint=n, targets=targets)
 
 
 def estimate_with_checkpointing(prepared, bins=None, ranks: int = 1) -> Estimate:
     """The estimate at the number of checkpointed layers train.grad_checkpoint asks for: auto (or null)
-    the fewest that fit the machine's budget (checkpointing.layers_to_fit; none when the run fits as
-    it is, all when nothing fits), true all, false none, a number that many."""
+    the fewest that fit the machine's budget (checkpointing.resolve; none when the run fits as it is,
+    all when nothing fits), true all, false none, a number that many."""
     from mlx_gemma_tune import checkpointing
 
-    setting = prepared.recipe.train.grad_checkpoint
-    if setting not in (None, "auto"):
-        return estimate_for_run(prepared, bins, grad_checkpoint=setting, ranks=ranks)
-    count = checkpointing.layers_to_fit(
-        lambda n: estimate_for_run(prepared, bins, grad_checkpoint=n, ranks=ranks).over_budget,
-        len(checkpointing.eligible_layers(prepared.model)))
-    return estimate_for_run(prepared, bins, grad_checkpoint=count, ranks=ranks)
+    return checkpointing.resolve(prepared.recipe.train.grad_checkpoint,
+                                 len(checkpointing.eligible_layers(prepared.model)),
+                                 _run_estimator(prepared, bins, ranks))
 
 
 def check_fits(prepared, bins=None, ranks: int = 1) -> None:
@@ -237,7 +238,7 @@ def estimate_for_model(model_path, recipe) -> Estimate:
     The batch is the recipe's batch_size of full data.max_seq_length rows, every token a target
     (the worst case); the model's weights are not read (lazy load), only their shapes.
     """
-    from mlx_gemma_tune import demo, lora, models
+    from mlx_gemma_tune import checkpointing, demo, lora, models
 
     model, config = models.load_model(models.resolve_model_dir(demo.resolve_alias(model_path)), lazy=True)
     lo = recipe.lora
@@ -250,9 +251,5 @@ def estimate_for_model(model_path, recipe) -> Estimate:
         return _for_model(model, config, batch=t.batch_size, seq_len=recipe.data.max_seq_length,
                           loss_chunk=t.loss_chunk, grad_checkpoint=ckpt)
 
-    if t.grad_checkpoint in (None, "auto"):  # as train will: the fewest checkpointed layers that fit
-        from mlx_gemma_tune import checkpointing
-
-        return at(checkpointing.layers_to_fit(lambda n: at(n).over_budget,
-                                              len(checkpointing.eligible_layers(model))))
-    return at(t.grad_checkpoint)
+    # as train will: auto checkpoints the fewest layers that fit
+    return checkpointing.resolve(t.grad_checkpoint, len(checkpointing.eligible_layers(model)), at)

@@ -167,16 +167,15 @@ def _estimate(config: dict, s: Setup, bits, batch: int, seq: int, ckpt, budget: 
 
     model, adapter = _model(config, bits, s, built)
 
-    def at(n):
-        return memory.estimate(config, weight_bytes=memory.model_bytes(model) - 4 * adapter,
-                               adapter_parameters=adapter, batch=batch, seq_len=seq,
-                               loss_chunk=s.recipe.train.loss_chunk, grad_checkpoint=n,
-                               act_bytes=memory.activation_bytes(model), budget_bytes=int(budget),
-                               eligible=checkpointing.eligible_layers(model))
+    eligible, weight_bytes = checkpointing.eligible_layers(model), memory.model_bytes(model) - 4 * adapter
 
-    if ckpt == "auto":
-        ckpt = checkpointing.layers_to_fit(lambda n: at(n).over_budget, len(checkpointing.eligible_layers(model)))
-    return at(ckpt)
+    def at(n):
+        return memory.estimate(config, weight_bytes=weight_bytes, adapter_parameters=adapter, batch=batch,
+                               seq_len=seq, loss_chunk=s.recipe.train.loss_chunk, grad_checkpoint=n,
+                               act_bytes=memory.activation_bytes(model), budget_bytes=int(budget),
+                               eligible=eligible)
+
+    return checkpointing.resolve(ckpt, len(eligible), at)
 
 
 def _model(config: dict, bits, s: Setup | None, built: dict):
